@@ -1,0 +1,22 @@
+"""camphive: CAMP-HiVe pruning — curvature-guided, with pruned weights merged into kept partners.
+
+The public API::
+
+    import camphive
+    model = camphive.models.create("resnet20", num_classes=10)
+    camphive.train(model, train_loader, epochs=10)
+    result = camphive.prune(model, calib_loader, sparsity=0.9)
+    camphive.finetune(model, train_loader, epochs=1, masks=result.masks)
+    camphive.evaluate(model, test_loader)
+"""
+from camphive import data, models
+from camphive.checkpoints import load_checkpoint, save_checkpoint
+from camphive.errors import CamphiveError, CheckpointError, ConfigError, DataError, NumericalError
+from camphive.training import evaluate, finetune, train
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "data", "models", "train", "finetune", "evaluate", "save_checkpoint", "load_checkpoint",
+    "CamphiveError", "ConfigError", "DataError", "CheckpointError", "NumericalError",
+]

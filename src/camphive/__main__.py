@@ -1,0 +1,3 @@
+from camphive.cli import _entry
+
+_entry()

@@ -1,0 +1,80 @@
+"""Pieces shared by the jobs: seeding, datasets and models from names."""
+from __future__ import annotations
+
+import os
+import platform
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from camphive import data as datasets
+from camphive import models
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+@dataclass
+class DataSplits:
+    train: torch.utils.data.Dataset
+    test: torch.utils.data.Dataset
+    name: str
+
+    @property
+    def num_classes(self) -> int:
+        return self.train.num_classes
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.test.input_shape)
+
+
+def load_splits(name: str, root: str | None = None, **options) -> DataSplits:
+    """Load the train and test splits of a dataset by name."""
+    train = datasets.load(name, root=root, split="train", **options)
+    test = datasets.load(name, root=root, split="test", **options)
+    return DataSplits(train=train, test=test, name=getattr(train, "name", name))
+
+
+def loaders(splits: DataSplits, batch_size: int, seed: int, train_subset: int | None = None,
+            test_subset: int | None = None, num_workers: int = 0):
+    train_loader = datasets.loader(splits.train, batch_size=batch_size, train=True, seed=seed,
+                                   subset=train_subset, num_workers=num_workers)
+    test_loader = datasets.loader(splits.test, batch_size=max(batch_size, 256), train=False, seed=seed,
+                                  subset=test_subset, num_workers=num_workers)
+    return train_loader, test_loader
+
+
+def model_for(name: str, splits: DataSplits, **options) -> torch.nn.Module:
+    return models.create(name, num_classes=splits.num_classes, in_channels=splits.input_shape[0], **options)
+
+
+def machine_description() -> dict:
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def checkpoint_metadata(splits: DataSplits, **extra) -> dict:
+    return {
+        "dataset": splits.name,
+        "classes": list(getattr(splits.train, "classes", []) or []),
+        "num_classes": splits.num_classes,
+        "input_shape": list(splits.input_shape),
+        **extra,
+    }

@@ -1,0 +1,33 @@
+"""``camphive evaluate``: accuracy of a checkpoint on a dataset split."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from camphive import data as datasets
+from camphive.checkpoints import load_checkpoint
+from camphive.errors import ConfigError
+from camphive.pruning.masks import sparsity_of
+from camphive.training import evaluate
+
+
+def evaluate_job(*, checkpoint: str | Path, dataset: str | None = None, data_root: str | None = None,
+                 split: str = "test", batch_size: int = 256, subset: int | None = None,
+                 device: str = "auto", out: str | Path | None = None, overwrite: bool = False) -> dict:
+    """Evaluate the model stored at ``checkpoint`` on ``dataset`` (default: the one it was trained on)."""
+    from camphive.runs import RunFolder
+
+    stored = load_checkpoint(checkpoint)
+    dataset = dataset or stored.metadata.get("dataset")
+    if not dataset:
+        raise ConfigError(f"checkpoint {checkpoint} does not record its dataset; pass --dataset")
+    data = datasets.load(dataset, root=data_root, split=split)
+    metrics = evaluate(stored.model, datasets.loader(data, batch_size=batch_size, subset=subset), device=device)
+    metrics.update({"checkpoint": str(checkpoint), "dataset": dataset, "split": split})
+    if stored.masks:
+        metrics["sparsity"] = sparsity_of(stored.masks)[0]
+    if out is not None:
+        run = RunFolder.create(out, overwrite=overwrite)
+        run.write_config({"command": "evaluate", "checkpoint": str(checkpoint), "dataset": dataset,
+                          "split": split, "subset": subset})
+        run.write_json("metrics.json", metrics)
+    return metrics

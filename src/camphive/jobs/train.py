@@ -1,0 +1,90 @@
+"""``camphive train``: dense training of a model on a dataset, resumable."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from camphive.checkpoints import load_training_state, save_checkpoint, save_training_state
+from camphive.errors import ConfigError
+from camphive.jobs.common import checkpoint_metadata, load_splits, loaders, machine_description, model_for, seed_everything
+from camphive.runs import RunFolder, atomic_write_text, timestamp
+from camphive.training import TrainState, evaluate, train
+
+STATE_FILE = "train_state.pt"
+
+
+def train_job(
+    *,
+    model: str = "small-cnn",
+    dataset: str = "fashion-mnist",
+    data_root: str | None = None,
+    out: str | Path = "runs/train",
+    epochs: int = 10,
+    batch_size: int = 128,
+    lr: float = 0.1,
+    momentum: float = 0.9,
+    nesterov: bool = True,
+    weight_decay: float = 5e-4,
+    schedule: str = "cosine",
+    warmup_epochs: float = 0.0,
+    label_smoothing: float = 0.0,
+    train_subset: int | None = None,
+    test_subset: int | None = None,
+    num_workers: int = 0,
+    amp: bool = False,
+    device: str = "auto",
+    seed: int = 0,
+    overwrite: bool = False,
+    resume: bool = False,
+    config: dict | None = None,
+) -> dict:
+    """Train ``model`` on ``dataset`` and write a run folder; return the final metrics.
+
+    Each epoch ends with an atomic checkpoint (``model.safetensors``) and resumable state;
+    ``resume=True`` continues a stopped run in ``out`` to the same result.
+    """
+    settings = {key: value for key, value in locals().items() if key != "config"}
+    # Everything that can fail on bad input happens before the run folder is made.
+    seed_everything(seed)
+    splits = load_splits(dataset, data_root)
+    train_loader, test_loader = loaders(splits, batch_size, seed, train_subset, test_subset, num_workers)
+    network = model_for(model, splits)
+    run = RunFolder.create(out, overwrite=overwrite, resume=resume)
+    log = run.logger()
+    state = None
+    if resume:
+        state_path = run.file(STATE_FILE)
+        if not state_path.is_file():
+            raise ConfigError(f"nothing to resume in {run.path}: {STATE_FILE} is missing; start the run without --resume")
+        saved = load_training_state(state_path)
+        network.load_state_dict(saved["model"])
+        state = TrainState(epoch=saved["epoch"], optimizer=saved["optimizer"], scheduler=saved["scheduler"],
+                           history=json.loads(saved["history"]))
+        log.info("resuming at epoch %d", state.epoch)
+    run.write_config({"command": "train", **settings, **(config or {}), "started": timestamp(),
+                      "machine": machine_description()})
+    metadata = checkpoint_metadata(splits, seed=seed)
+
+    def on_epoch_end(record, train_state: TrainState) -> None:
+        # The state file carries the weights too, so it alone decides where a resume starts.
+        save_training_state(run.file(STATE_FILE), {
+            "model": network.state_dict(), "epoch": train_state.epoch, "optimizer": train_state.optimizer,
+            "scheduler": train_state.scheduler, "history": json.dumps(train_state.history),
+        })
+        save_checkpoint(run.file("model.safetensors"), network, epoch=record.epoch, **metadata)
+        atomic_write_text(run.file("metrics.jsonl"), "".join(json.dumps(row) + "\n" for row in train_state.history))
+        log.info("epoch %d: loss %.4f train acc %.4f test acc %s (%.1fs)", record.epoch, record.train_loss,
+                 record.train_accuracy, record.test_accuracy, record.seconds)
+
+    result = train(network, train_loader, epochs, lr=lr, momentum=momentum, nesterov=nesterov,
+                   weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
+                   label_smoothing=label_smoothing, eval_data=test_loader, device=device, seed=seed,
+                   amp=amp, state=state, on_epoch_end=on_epoch_end)
+    final = evaluate(network, test_loader, device=device)
+    save_checkpoint(run.file("model.safetensors"), network, epoch=epochs, test=final, **metadata)
+    metrics = {"test": final, "train": result.to_dict(), "checkpoint": str(run.file("model.safetensors"))}
+    run.write_json("metrics.json", metrics)
+    log.info("done: test accuracy %.4f", final["accuracy"])
+    run.close()
+    return metrics
+

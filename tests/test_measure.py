@@ -1,0 +1,199 @@
+"""MACs and parameter counts against hand-computed numbers; latency bookkeeping."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from camphive.errors import ConfigError
+from camphive.measure import count_macs, count_parameters, measure_latency, model_summary
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The test machine is shared: several intra-op threads on busy cores are far slower.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+class TinyNet(nn.Module):
+    """Input (B, 3, 9, 9). Hand-computed MACs per sample are in the comments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)  # -> (8, 5, 5): 200 outputs x 3*9 = 5400
+        self.bn = nn.BatchNorm2d(8)  # 200 elements -> 200
+        self.relu = nn.ReLU()  # not counted
+        self.depthwise = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)  # 200 x 1*9 = 1800
+        # residual sum in forward: 200
+        self.grouped = nn.Conv2d(8, 4, 1, groups=2)  # -> (4, 5, 5): 100 x 4*1 = 400
+        self.flatten = nn.Flatten(1)
+        self.fc = nn.Linear(100, 10)  # 10 x 100 = 1000
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn(self.conv(x)))
+        x = x + self.depthwise(x)
+        return self.fc(self.flatten(self.grouped(x)))
+
+
+TINY_PARAMETERS = (8 * 3 * 9 + 8) + (8 + 8) + 8 * 9 + (4 * 4 + 4) + (100 * 10 + 10)  # 1342
+
+
+def tiny_net() -> TinyNet:
+    torch.manual_seed(0)
+    model = TinyNet()
+    with torch.no_grad():  # no accidental zeros: every entry in +-[0.5, 1.5]
+        for parameter in model.parameters():
+            sign = torch.where(torch.rand_like(parameter) < 0.5, -1.0, 1.0)
+            parameter.copy_(sign * (0.5 + torch.rand_like(parameter)))
+    return model
+
+
+def test_macs_match_hand_computed_counts():
+    report = count_macs(tiny_net(), torch.randn(1, 3, 9, 9))
+    assert report.per_layer == {
+        "conv": 5400, "bn": 200, "depthwise": 1800, "(model)": 200, "grouped": 400, "fc": 1000,
+    }
+    assert report.by_kind == {"conv": 7600, "linear": 1000, "norm": 200, "add": 200}
+    assert report.total == 9000
+    assert report.uncounted == []
+
+
+def test_macs_scale_with_batch_and_can_leave_out_norm_and_add():
+    report = count_macs(tiny_net(), torch.randn(3, 3, 9, 9), include_norm_and_add=False)
+    assert report.total == 3 * 8600
+    assert "bn" not in report.per_layer and "(model)" not in report.per_layer
+    assert report.by_kind["norm"] == report.by_kind["add"] == 0
+
+
+def test_nonzero_macs_count_only_kept_weights():
+    model = tiny_net()
+    with torch.no_grad():
+        model.conv.weight[0] = 0  # one filter: 27 weights, each used at 25 positions
+        model.depthwise.weight.view(-1)[:4] = 0  # 4 weights x 25 positions
+        model.fc.weight[0, :50] = 0  # 50 weights x 1 position
+    dense = count_macs(model, torch.randn(1, 3, 9, 9), nonzero=False)
+    sparse = count_macs(model, torch.randn(1, 3, 9, 9), nonzero=True)
+    assert dense.total == 9000
+    assert sparse.per_layer["conv"] == (216 - 27) * 25
+    assert sparse.per_layer["depthwise"] == (72 - 4) * 25
+    assert sparse.per_layer["fc"] == 1000 - 50
+    assert sparse.per_layer["grouped"] == 400 and sparse.per_layer["bn"] == 200
+    assert sparse.total == 9000 - 27 * 25 - 4 * 25 - 50
+    assert count_parameters(model) == TINY_PARAMETERS
+    assert count_parameters(model, nonzero=True) == TINY_PARAMETERS - 27 - 4 - 50
+
+
+def test_linear_with_leading_dims_conv1d_and_transposed_conv():
+    linear = nn.Linear(6, 4)
+    assert count_macs(linear, torch.randn(2, 5, 6)).total == 2 * 5 * 4 * 6
+    conv1d = nn.Conv1d(2, 4, 3)  # (1, 2, 10) -> (1, 4, 8): 32 outputs x 2*3
+    assert count_macs(conv1d, torch.randn(1, 2, 10)).per_layer == {"(model)": 32 * 6}
+    # Transposed: each of the 2*4*4 input elements is scattered through 3 * 3*3 weights.
+    transposed = nn.ConvTranspose2d(2, 3, 3, stride=2)
+    assert count_macs(transposed, torch.randn(1, 2, 4, 4)).total == 32 * 3 * 9
+
+
+def test_parameter_count_counts_shared_parameters_once():
+    model = tiny_net()
+    assert count_parameters(model) == TINY_PARAMETERS
+    tied = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+    tied[1].weight = tied[0].weight
+    assert count_parameters(tied) == 16
+
+
+def test_macs_restore_training_flags_and_run_in_eval_mode():
+    model = tiny_net().train()
+    model.bn.eval()  # a deliberately frozen BN must stay frozen, the rest in training
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(module.training))
+    count_macs(model, torch.randn(1, 3, 9, 9))
+    assert seen == [False]
+    assert model.training and model.conv.training and not model.bn.training
+
+
+def test_uncounted_modules_are_named():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    report = count_macs(model, torch.randn(2, 4))
+    assert report.uncounted == ["1"] and report.total == 2 * 16
+
+
+def test_model_summary_is_per_sample_with_layer_sparsity():
+    model = tiny_net()
+    with torch.no_grad():
+        model.fc.weight[:, :25] = 0
+    summary = model_summary(model, torch.randn(4, 3, 9, 9))
+    assert summary["parameters"] == TINY_PARAMETERS
+    assert summary["nonzero_parameters"] == TINY_PARAMETERS - 250
+    assert summary["macs"] == 9000 and summary["macs_nonzero"] == 9000 - 250
+    assert summary["macs_conv_linear"] == 8600 and summary["macs_conv_linear_nonzero"] == 8350
+    assert set(summary["layers"]) == {"conv", "depthwise", "grouped", "fc"}
+    assert summary["layers"]["fc"] == {"weights": 1000, "nonzero": 750, "sparsity": 0.25, "macs": 1000, "macs_nonzero": 750}
+    assert summary["prunable_weights"] == 216 + 72 + 16 + 1000
+    assert summary["sparsity"] == pytest.approx(250 / (216 + 72 + 16 + 1000))
+
+
+class CallRecorder(nn.Module):
+    """Identity that logs (name, batch size, training, inference mode) of every call."""
+
+    def __init__(self, name: str, log: list, sleep_seconds: float = 0.0) -> None:
+        super().__init__()
+        self.name, self.log, self.sleep_seconds = name, log, sleep_seconds
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.log.append((self.name, x.shape[0], self.training, torch.is_inference_mode_enabled()))
+        if self.sleep_seconds:
+            time.sleep(self.sleep_seconds)
+        return x * self.scale
+
+
+def test_latency_runs_are_interleaved_and_modes_restored():
+    log: list = []
+    models = {name: CallRecorder(name, log) for name in "abc"}
+    models["b"].eval()
+    threads_before = torch.get_num_threads()
+    report = measure_latency(models, (3,), batch_sizes=(1, 4), repeats=5, warmup=2, threads=1)
+    assert torch.get_num_threads() == threads_before
+    assert models["a"].training and not models["b"].training and models["c"].training
+    assert all(not training and inference for _, _, training, inference in log)
+    assert len(log) == 2 * (2 + 5) * 3
+    for offset, batch_size in ((0, 1), (21, 4)):
+        calls = log[offset:offset + 21]
+        assert {size for _, size, _, _ in calls} == {batch_size}
+        assert [name for name, *_ in calls[:6]] == list("abcabc")  # warm-up, in order
+        rounds = [[name for name, *_ in calls[6 + 3 * r: 9 + 3 * r]] for r in range(5)]
+        # Every round runs each model once, starting with a different model each time.
+        assert rounds == [list("abc"), list("bca"), list("cab"), list("abc"), list("bca")]
+    assert report.baseline == "a" and report.warmup == 2 and report.threads == 1
+    assert [(r.model, r.batch_size) for r in report.results] == [(m, b) for b in (1, 4) for m in "abc"]
+    for result in report.results:
+        assert result.repeats == 5
+        assert result.q25_ms <= result.median_ms <= result.q75_ms
+        assert result.iqr_ms == pytest.approx(result.q75_ms - result.q25_ms)
+        assert result.samples_per_second == pytest.approx(result.batch_size / result.median_ms * 1e3)
+    assert report.get("a", 4).speedup == 1.0
+    assert set(report.to_dict()) == {"baseline", "device", "threads", "warmup", "results"}
+
+
+def test_latency_speedup_and_calibrated_repeats():
+    log: list = []
+    models = {"slow": CallRecorder("slow", log, 0.006), "fast": CallRecorder("fast", log, 0.002)}
+    report = measure_latency(models, (2,), batch_sizes=(1,), warmup=1, target_seconds=0.15)
+    fast = report.get("fast", 1)
+    assert fast.median_ms >= 2.0
+    assert 1.5 < fast.speedup < 6.0  # about 3 (6 ms / 2 ms), loosely: the machine is shared
+    assert 5 <= fast.repeats <= 40  # ~0.15 s / 8 ms per round, at least min_repeats
+
+
+def test_latency_rejects_bad_arguments():
+    with pytest.raises(ConfigError):
+        measure_latency({}, (3,))
+    with pytest.raises(ConfigError):
+        measure_latency(nn.Linear(3, 3), (3,), batch_sizes=(0,))
+    with pytest.raises(ConfigError):
+        measure_latency(nn.Linear(3, 3), (3,), repeats=0)
