@@ -1,0 +1,129 @@
+"""The spectrum report: top eigenvalues of the loss Hessian, globally and per layer, and its trace.
+
+This is what ``camphive spectrum`` calls. Per-layer eigenvalues are those of the diagonal
+blocks ``H_ii`` (one block per parameter tensor), computed with the same cached graphs as
+the global ones; the trace is Hutchinson's estimate with Rademacher probes.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from camphive.curvature.eigen import DEFAULT_EIGEN_METHOD, EigenResult, top_eigenpairs
+from camphive.curvature.hutchinson import TraceEstimate, hutchinson_trace
+from camphive.curvature.hvp import DEFAULT_HVP_METHOD, HessianOperator
+from camphive.errors import ConfigError
+
+
+@dataclass
+class SpectrumResult:
+    """``global_eigen``: top eigenpairs of the whole Hessian; ``layers``: ``{parameter name:
+    top eigenpairs of its diagonal block}``; ``trace``: Hutchinson's estimate (or None).
+    ``num_matvecs``: Hessian-vector products in all (a block product counts as one)."""
+
+    dim: int
+    params: list[str]
+    num_samples: int
+    global_eigen: EigenResult
+    layers: dict[str, EigenResult]
+    trace: TraceEstimate | None
+    num_matvecs: int
+    wall_time_s: float
+    settings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "dim": self.dim,
+            "params": list(self.params),
+            "num_samples": self.num_samples,
+            "settings": dict(self.settings),
+            "global": self.global_eigen.to_dict(),
+            "layers": {name: result.to_dict() for name, result in self.layers.items()},
+            "trace": None if self.trace is None else self.trace.to_dict(),
+            "num_matvecs": self.num_matvecs,
+            "wall_time_s": self.wall_time_s,
+        }
+
+
+def spectrum(
+    model: nn.Module,
+    data,
+    top_k: int = 5,
+    method: str = DEFAULT_EIGEN_METHOD,
+    per_layer: bool = True,
+    layer_top_k: int = 1,
+    trace_probes: int = 16,
+    tol: float = 1e-3,
+    max_iter: int = 100,
+    seed: int = 0,
+    loss_fn=None,
+    params=None,
+    num_batches: int | None = None,
+    hvp_method: str = DEFAULT_HVP_METHOD,
+    cache_graph: bool | str = "auto",
+    ignored_layers=None,
+) -> SpectrumResult:
+    """Top ``top_k`` Hessian eigenvalues (by magnitude, sign kept), the top ``layer_top_k`` of
+    each layer's block when ``per_layer``, and the trace from ``trace_probes`` probes (0: skip)."""
+    if top_k < 1 or layer_top_k < 1 or trace_probes < 0:
+        raise ConfigError(f"top_k={top_k}, layer_top_k={layer_top_k}, trace_probes={trace_probes}; counts must be positive (probes >= 0)")
+    start = time.perf_counter()
+    with HessianOperator(
+        model, data, loss_fn=loss_fn, params=params, num_batches=num_batches, method=hvp_method,
+        cache_graph=cache_graph, ignored_layers=ignored_layers,
+    ) as operator:
+        global_eigen = top_eigenpairs(operator, k=min(top_k, operator.dim), method=method, tol=tol, max_iter=max_iter, seed=seed)
+        layers = {}
+        used = global_eigen.num_matvecs
+        if per_layer:
+            for name, block in operator.block_operators().items():
+                layers[name] = top_eigenpairs(block, k=min(layer_top_k, block.dim), method=method, tol=tol, max_iter=max_iter, seed=seed)
+                used += layers[name].num_matvecs
+        trace = hutchinson_trace(operator, num_probes=trace_probes, seed=seed) if trace_probes else None
+        used += trace.num_matvecs if trace else 0
+        settings = {
+            "top_k": top_k, "method": method, "per_layer": per_layer, "layer_top_k": layer_top_k,
+            "trace_probes": trace_probes, "tol": tol, "max_iter": max_iter, "seed": seed,
+            "hvp_method": hvp_method, "cache_graph": cache_graph, "num_batches": operator.num_batches,
+            "cached_bytes": operator.cached_bytes,
+        }
+        return SpectrumResult(
+            dim=operator.dim, params=list(operator.params), num_samples=operator.num_samples,
+            global_eigen=global_eigen, layers=layers, trace=trace, num_matvecs=used,
+            wall_time_s=time.perf_counter() - start, settings=settings,
+        )
+
+
+def plot_convergence(result: SpectrumResult | EigenResult, path) -> None:
+    """Write a PNG: each eigenvalue estimate against the products used (left), and its
+    relative distance to the final value on a log scale (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    eigen = result.global_eigen if isinstance(result, SpectrumResult) else result
+    figure, (values_axis, error_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for index, (values, counts) in enumerate(zip(eigen.history, eigen.history_matvecs)):
+        if not values:
+            continue
+        final = values[-1]
+        label = f"$\\lambda_{{{index + 1}}}$ = {final:.4g}"
+        values_axis.plot(counts, values, marker=".", label=label)
+        errors = [abs(value - final) / max(abs(final), 1e-300) for value in values[:-1]]
+        if errors:
+            error_axis.semilogy(counts[:-1], [max(error, 1e-16) for error in errors], marker=".", label=label)
+    values_axis.set_xlabel("Hessian-vector products")
+    values_axis.set_ylabel("eigenvalue estimate")
+    error_axis.set_xlabel("Hessian-vector products")
+    error_axis.set_ylabel("relative distance to final estimate")
+    values_axis.set_title(f"{eigen.method}: {eigen.num_matvecs} products")
+    for axis in (values_axis, error_axis):
+        axis.grid(True, alpha=0.3)
+        if axis.lines:
+            axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

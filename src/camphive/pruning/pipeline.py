@@ -1,0 +1,265 @@
+"""The one pruning pipeline: CAMP-HiVe and every baseline go through it.
+
+Each cycle re-estimates curvature on the current (partly pruned) model, scores the weights
+still alive, selects the lowest-scoring ones up to the cycle's target sparsity, pairs each of
+them with a kept partner in its output unit, merges it (or folds it into all kept weights by
+least squares), and fixes the masks. Criteria differ only in their scores, so comparisons
+between them are fair by construction.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from camphive.batches import take_batches
+from camphive.errors import ConfigError, NumericalError
+from camphive.layers import prunable_parameters
+from camphive.pruning.calibration import CalibrationInfo
+from camphive.pruning.criteria import CampHive, make_criterion
+from camphive.pruning.masks import apply_masks, check_masks, sparsity_of
+from camphive.pruning.merging import MERGES, least_squares_merge, merge_into_partner, pair_merge
+from camphive.pruning.pairing import PAIRINGS, make_pairs
+from camphive.pruning.selection import check_sparsity, cycle_targets, select_to_prune
+from camphive.pruning.unit_curvature import unit_matrix
+
+# Chosen by measurement (benchmarks/unstructured.py, benchmarks/RESULTS.md).
+DEFAULTS = {
+    "score": "diagonal",
+    "curvature": "reconstruction",
+    "loss_weighting": "none",
+    "pairing": "coupled",
+    "merge": "least_squares",
+    "cycles": 1,
+}
+
+
+@dataclass
+class PruneResult:
+    """What a pruning run did and measured. ``masks``: parameter name -> bool (True = kept)."""
+
+    mode: str
+    masks: dict[str, torch.Tensor]
+    sparsity: float
+    layer_sparsity: dict[str, float]
+    before: dict
+    after: dict
+    eigenvalues: dict
+    num_hvps: int
+    curvature_seconds: float
+    seconds: float
+    cycles: list[dict] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "mode": self.mode, "sparsity": self.sparsity, "layer_sparsity": self.layer_sparsity,
+            "before": self.before, "after": self.after, "eigenvalues": self.eigenvalues,
+            "num_hvps": self.num_hvps, "curvature_seconds": self.curvature_seconds, "seconds": self.seconds,
+            "cycles": self.cycles, "config": self.config, **self.extra,
+        }
+
+
+def prune(
+    model: nn.Module,
+    calib_data,
+    sparsity: float | None = None,
+    *,
+    mode: str = "unstructured",
+    criterion: str = "camp-hive",
+    score: str | None = None,
+    curvature: str | None = None,
+    loss_weighting: str | None = None,
+    scope: str = "global",
+    selection: str = "global",
+    cycles: int | None = None,
+    schedule: str = "linear",
+    top_k: int = 8,
+    pairing: str | None = None,
+    merge: str | None = None,
+    first_order_weight: float = 0.0,
+    recovery_steps: int = 0,
+    recovery_lr: float = 1e-3,
+    recalibrate_bn: bool = False,
+    min_keep: float | int = 0.01,
+    ignored_layers=None,
+    loss_fn=None,
+    num_batches: int | None = None,
+    damping: float = 0.01,
+    clip: float = 2.0,
+    eigen_method: str = "lanczos",
+    hutchinson_probes: int = 16,
+    loss_diagonal: str = "fisher",
+    masks: Mapping[str, torch.Tensor] | None = None,
+    example_inputs: torch.Tensor | None = None,
+    seed: int = 0,
+    **structured_options,
+) -> PruneResult:
+    """Prune ``model`` in place and return a :class:`PruneResult`.
+
+    ``calib_data``: calibration batches (a DataLoader, a Dataset or a list of ``(inputs,
+    targets)``); ``num_batches`` limits how many are read. ``sparsity``: fraction of the
+    prunable weights (conv and linear weights) to remove, in [0, 1).
+
+    CAMP-HiVe options (``criterion="camp-hive"``): ``score`` ("diagonal", "obs",
+    "diag_lowrank", "hv_product"), ``curvature`` ("reconstruction": each layer's input second
+    moment G; "loss": the loss Hessian's top-``top_k`` eigenpairs, global or per layer by
+    ``scope``), ``loss_weighting``, ``pairing`` ("cyclic", "coupled"), ``merge``
+    ("curvature", "half", "none", "least_squares"), ``cycles`` with a ``schedule``.
+    Baselines (``"magnitude"``, ``"random"``, ``"taylor"``, ``"obd"``, ``"hutchinson"``) share
+    everything but the scores; their ``merge`` defaults to "none" (plain pruning).
+    ``selection="global"`` compares scores over all layers, ``"layer"`` prunes each layer to
+    the target. Every layer keeps at least ``min_keep`` (a fraction, or a count if >= 1).
+
+    ``mode="structured"`` removes whole channels (see :mod:`camphive.pruning.structured`).
+    """
+    if mode == "structured":
+        from camphive.pruning.structured import prune_structured
+
+        return prune_structured(model, calib_data, sparsity, criterion=criterion, loss_fn=loss_fn, seed=seed,
+                                num_batches=num_batches, ignored_layers=ignored_layers, example_inputs=example_inputs,
+                                cycles=cycles or 1, merge=merge, pairing=pairing, damping=damping,
+                                **structured_options)
+    if mode != "unstructured":
+        raise ConfigError(f"unknown mode {mode!r}; use unstructured or structured")
+    if structured_options:
+        raise ConfigError(f"unknown option(s) for unstructured pruning: {', '.join(sorted(structured_options))}")
+    if sparsity is None:
+        raise ConfigError("sparsity is required for unstructured pruning, e.g. sparsity=0.9")
+    check_sparsity(sparsity)
+    started = time.perf_counter()
+    is_camp_hive = criterion.replace("_", "-").lower() in ("camp-hive", "camphive")
+    merge = merge or (DEFAULTS["merge"] if is_camp_hive else "none")
+    pairing = pairing or DEFAULTS["pairing"]
+    cycles = cycles or (DEFAULTS["cycles"] if is_camp_hive else 1)
+    curvature = curvature or DEFAULTS["curvature"]
+    _check_choice("merge", merge, MERGES)
+    _check_choice("pairing", pairing, PAIRINGS)
+    _check_choice("curvature", curvature, ("reconstruction", "loss"))
+    _check_choice("scope", scope, ("global", "layer"))
+    options = {"score": score or DEFAULTS["score"], "curvature": curvature,
+               "loss_weighting": loss_weighting or DEFAULTS["loss_weighting"], "first_order_weight": first_order_weight}
+    scorer = make_criterion(criterion, seed=seed, **(options if is_camp_hive else {}))
+
+    params = prunable_parameters(model, ignored_layers)
+    if not params:
+        raise ConfigError("the model has no prunable layers (conv or linear weights outside ignored_layers); nothing to prune")
+    batches = take_batches(calib_data, num_batches)
+    if masks:
+        check_masks(model, masks)
+    alive = {name: (masks[name].clone().bool() if masks and name in masks else torch.ones_like(p, dtype=torch.bool))
+             for name, p in params.items()}
+    example = example_inputs if example_inputs is not None else batches[0][0][:1]
+    before = _summary(model, example)
+    _check_finite(params, "before pruning")
+    settings = {"top_k": top_k, "scope": scope, "damping": damping, "eigen_method": eigen_method,
+                "hutchinson_probes": hutchinson_probes, "loss_diagonal": loss_diagonal, "seed": seed}
+    history, eigenvalues, num_hvps, curvature_seconds = [], {}, 0, 0.0
+    for cycle, target in enumerate(cycle_targets(sparsity, cycles, schedule)):
+        cycle_start = time.perf_counter()
+        info = CalibrationInfo(model, batches, params, loss_fn=loss_fn, cycle=cycle, settings=settings)
+        scores = scorer.scores(info)
+        pruned_now = select_to_prune(scores, alive, target, selection, min_keep)
+        view = info.unit_curvature(curvature) if merge in ("curvature", "least_squares") or pairing == "coupled" and merge != "none" else None
+        for name, parameter in params.items():
+            if pruned_now[name].any():
+                _merge_layer(unit_matrix(parameter.data), name, unit_matrix(pruned_now[name]),
+                             unit_matrix(alive[name] & ~pruned_now[name]), unit_matrix(scores[name].detach()),
+                             merge, pairing, view, clip)
+            alive[name] &= ~pruned_now[name]
+        apply_masks(model, alive)
+        _check_finite(params, f"cycle {cycle + 1} merge")
+        if recovery_steps:
+            _recover(model, batches, alive, recovery_steps, recovery_lr, loss_fn)
+        if recalibrate_bn:
+            recalibrate_batchnorm(model, batches)
+        report = info.report()
+        num_hvps += report["num_hvps"]
+        curvature_seconds += sum(report["seconds"].values())
+        eigenvalues = report["eigenvalues"] or eigenvalues
+        history.append({"cycle": cycle + 1, "target": target, "sparsity": sparsity_of(alive)[0],
+                        "seconds": time.perf_counter() - cycle_start, **report})
+    global_sparsity, layer_sparsity = sparsity_of(alive)
+    config = {"mode": mode, "criterion": criterion, **scorer.describe(), "sparsity": sparsity, "scope": scope,
+              "selection": selection, "cycles": cycles, "schedule": schedule, "top_k": top_k, "pairing": pairing,
+              "merge": merge, "recovery_steps": recovery_steps, "recalibrate_bn": recalibrate_bn, "min_keep": min_keep,
+              "damping": damping, "clip": clip, "eigen_method": eigen_method, "hutchinson_probes": hutchinson_probes,
+              "loss_diagonal": loss_diagonal, "num_batches": len(batches),
+              "num_samples": sum(int(x.shape[0]) for x, _ in batches), "seed": seed}
+    return PruneResult(mode=mode, masks=alive, sparsity=global_sparsity, layer_sparsity=layer_sparsity,
+                       before=before, after=_summary(model, example), eigenvalues=eigenvalues, num_hvps=num_hvps,
+                       curvature_seconds=curvature_seconds, seconds=time.perf_counter() - started,
+                       cycles=history, config=config)
+
+
+@torch.no_grad()
+def _merge_layer(matrix, name, pruned_now, kept, significance, merge, pairing, view, clip) -> None:
+    """Merge the weights pruned now into kept partners of their unit, then zero them (in place)."""
+    if merge == "none":
+        matrix[pruned_now] = 0
+    elif merge == "least_squares":
+        least_squares_merge(matrix, view, name, pruned_now, kept)
+    else:
+        rows, pruned_cols, partners = make_pairs(pairing, pruned_now, kept, significance, view, name)
+        if merge == "half":
+            merge_into_partner(matrix, rows, pruned_cols, partners, 0.5)
+            matrix[pruned_now] = 0
+        else:
+            pair_merge(matrix, view, name, pruned_now, rows, pruned_cols, partners, clip)
+
+
+def _recover(model, batches, masks, steps, lr, loss_fn) -> None:
+    """A few masked SGD steps on the calibration batches between cycles."""
+    from camphive.training import train
+
+    steps = min(steps, len(batches)) if steps else 0
+    if steps:
+        train(model, batches[:steps], epochs=1, lr=lr, masks=masks, loss_fn=loss_fn, schedule="constant",
+              device=next(model.parameters()).device, weight_decay=0.0)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches) -> None:
+    """Re-estimate BatchNorm running statistics on ``batches`` (cumulative average), in place."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    training = [(m, m.training) for m in model.modules()]
+    momenta = [(m, m.momentum) for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    model.train()
+    device = next(model.parameters()).device
+    try:
+        for inputs, _ in batches:
+            if inputs.shape[0] > 1:
+                model(inputs.to(device))
+    finally:
+        for module, flag in training:
+            module.training = flag
+        for norm, momentum in momenta:
+            norm.momentum = momentum
+
+
+def _summary(model, example) -> dict:
+    from camphive.measure import model_summary
+
+    summary = model_summary(model, example)
+    summary.pop("layers", None)
+    return summary
+
+
+def _check_finite(params, where: str) -> None:
+    for name, parameter in params.items():
+        if not torch.isfinite(parameter).all():
+            raise NumericalError(f"weight {name} holds NaN or inf {where}; check the model (or lower clip/damping options)")
+
+
+def _check_choice(option: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"unknown {option} {value!r}; use one of {', '.join(choices)}")

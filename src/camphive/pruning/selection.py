@@ -1,0 +1,134 @@
+"""Which weights to prune: sparsity schedules and score thresholds with per-layer floors."""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from camphive.errors import ConfigError
+
+SCHEDULES = ("linear", "cubic", "constant")
+SELECTIONS = ("global", "layer")
+
+
+def cycle_targets(sparsity: float, cycles: int, schedule: str = "linear") -> list[float]:
+    """Target sparsity after each of ``cycles`` cycles, ending exactly at ``sparsity``.
+
+    ``linear``: s * t / T. ``cubic`` (Zhu & Gupta 2017): s * (1 - (1 - t / T)^3), which
+    prunes most in the first cycles, while the network is still dense and redundant.
+    ``constant``: the full target in every cycle (later cycles only re-merge with fresh
+    curvature).
+    """
+    if cycles < 1:
+        raise ConfigError(f"cycles must be >= 1, got {cycles}")
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
+    targets = []
+    for t in range(1, cycles + 1):
+        fraction = t / cycles
+        if schedule == "linear":
+            targets.append(sparsity * fraction)
+        elif schedule == "cubic":
+            targets.append(sparsity * (1.0 - (1.0 - fraction) ** 3))
+        else:
+            targets.append(sparsity)
+    targets[-1] = sparsity
+    return targets
+
+
+def check_sparsity(sparsity: float) -> None:
+    if not isinstance(sparsity, (int, float)) or math.isnan(sparsity) or not 0.0 <= sparsity < 1.0:
+        raise ConfigError(f"sparsity must be in [0, 1), got {sparsity}; e.g. 0.9 prunes 90% of the weights")
+
+
+def keep_floor(numel: int, min_keep: float | int) -> int:
+    """Entries a layer always keeps: a fraction of it (``min_keep < 1``) or a count, at least 1."""
+    if min_keep < 0:
+        raise ConfigError(f"min_keep must be >= 0, got {min_keep}")
+    count = math.ceil(min_keep * numel) if min_keep < 1 else int(min_keep)
+    return max(1, min(count, numel))
+
+
+def select_to_prune(
+    scores: Mapping[str, torch.Tensor],
+    alive: Mapping[str, torch.Tensor],
+    target_sparsity: float,
+    selection: str = "global",
+    min_keep: float | int = 0.01,
+) -> dict[str, torch.Tensor]:
+    """Return ``{name: bool tensor}`` of alive entries to prune now, lowest scores first.
+
+    After pruning, exactly ``round(target_sparsity * total)`` entries are pruned in all (or
+    in each layer with ``selection="layer"``), where total counts every entry of the masked
+    parameters, already pruned ones included. Each layer keeps at least
+    ``keep_floor(numel, min_keep)`` entries; a target that cannot respect the floors is an
+    error, not a silent shortfall. Ties are broken by position, so the result is exact.
+    """
+    if selection not in SELECTIONS:
+        raise ConfigError(f"unknown selection {selection!r}; use global or layer")
+    check_sparsity(target_sparsity)
+    names = list(alive)
+    floors = {name: keep_floor(alive[name].numel(), min_keep) for name in names}
+    prunable_now = {name: int(alive[name].sum()) - floors[name] for name in names}
+    if selection == "layer":
+        chosen = {}
+        for name in names:
+            total = alive[name].numel()
+            wanted = round(target_sparsity * total) - (total - int(alive[name].sum()))
+            if wanted > prunable_now[name]:
+                raise ConfigError(
+                    f"sparsity {target_sparsity:.4f} would leave layer {name!r} fewer than {floors[name]} weights; "
+                    "lower the sparsity or min_keep"
+                )
+            chosen[name] = _lowest(scores[name], alive[name], max(wanted, 0))
+        return chosen
+    total = sum(alive[name].numel() for name in names)
+    already = sum(alive[name].numel() - int(alive[name].sum()) for name in names)
+    wanted = round(target_sparsity * total) - already
+    capacity = sum(max(count, 0) for count in prunable_now.values())
+    if wanted > capacity:
+        raise ConfigError(
+            f"sparsity {target_sparsity:.4f} would empty a layer: only {capacity + already} of {total} weights can be "
+            f"pruned while every layer keeps its floor (min_keep={min_keep}); lower the sparsity or min_keep"
+        )
+    if wanted <= 0:
+        return {name: torch.zeros_like(alive[name]) for name in names}
+    # Protect each layer's floor (its highest-scoring alive entries), then take the lowest globally.
+    candidates = []
+    for name in names:
+        score = scores[name].detach().flatten().double().clone()
+        live = alive[name].flatten()
+        score[~live] = math.inf
+        protected = _highest_indices(score, live, floors[name])
+        score[protected] = math.inf
+        candidates.append(score)
+    flat = torch.cat(candidates)
+    order = _stable_argsort(flat)[:wanted]
+    picked = torch.zeros(flat.numel(), dtype=torch.bool)
+    picked[order] = True
+    chosen, offset = {}, 0
+    for name in names:
+        size = alive[name].numel()
+        chosen[name] = picked[offset : offset + size].view_as(alive[name]).to(alive[name].device)
+        offset += size
+    return chosen
+
+
+def _stable_argsort(values: torch.Tensor) -> torch.Tensor:
+    return torch.sort(values, stable=True).indices
+
+
+def _lowest(score: torch.Tensor, alive: torch.Tensor, count: int) -> torch.Tensor:
+    flat = score.detach().flatten().double().clone()
+    flat[~alive.flatten()] = math.inf
+    picked = torch.zeros(flat.numel(), dtype=torch.bool, device=alive.device)
+    if count > 0:
+        picked[_stable_argsort(flat)[:count]] = True
+    return picked.view_as(alive)
+
+
+def _highest_indices(score: torch.Tensor, live: torch.Tensor, count: int) -> torch.Tensor:
+    ranked = score.clone()
+    ranked[~live] = -math.inf
+    return torch.sort(ranked, descending=True, stable=True).indices[:count]

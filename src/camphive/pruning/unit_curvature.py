@@ -1,0 +1,162 @@
+"""Curvature seen by one output unit (a row of a linear layer, a filter of a conv).
+
+Pairing and merging never leave an output unit, so they only need, for each unit r of a
+layer, its fan-in x fan-in curvature matrix ``Hhat_r``. Two views provide it:
+
+* :class:`ReconstructionCurvature`: ``Hhat_r = G`` (the layer's input second moment
+  ``E[x x^T]``, per group for grouped convs), the exact Hessian of the layer's
+  output-reconstruction loss, shared by every unit of a group.
+* :class:`LowRankLossCurvature`: the unit's block of the loss Hessian approximated by its
+  top eigenpairs, ``sum_k lambda_k u_k u_k^T`` restricted to the unit, plus an optional
+  diagonal (e.g. a Hutchinson estimate of what the eigenpairs miss).
+
+Both add damping to the diagonal (a fraction of its mean, per layer) before anything
+divides by it. Weights are viewed as matrices ``W.reshape(out_units, fan_in)``.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+
+def unit_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """View a conv/linear weight as ``(out_units, fan_in)`` (shares storage)."""
+    return weight.reshape(weight.shape[0], -1)
+
+
+class UnitCurvature:
+    """What pairing and merging need; subclasses provide ``diagonal`` and ``unit_rows``."""
+
+    def matrix_rows(self, name: str, out_units: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """``(n, fan_in)``: row ``cols[i]`` of unit ``rows[i]``'s matrix."""
+        return self.unit_rows(name, out_units, rows, cols[:, None])[:, 0]
+
+    def bilinear(self, name: str, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """``(out_units,)``: ``left_r^T Hhat_r right_r`` for every unit (inputs ``(out_units, fan_in)``)."""
+        raise NotImplementedError
+
+
+class ReconstructionCurvature(UnitCurvature):
+    """Per-layer input second moments ``G`` of shape ``(groups, fan_in, fan_in)``."""
+
+    kind = "reconstruction"
+
+    def __init__(self, covariances: Mapping[str, torch.Tensor], damping: float = 0.01):
+        self.damping = damping
+        self._matrices: dict[str, torch.Tensor] = {}
+        for name, matrix in covariances.items():
+            matrix = matrix if matrix.ndim == 3 else matrix.unsqueeze(0)
+            diagonal = matrix.diagonal(dim1=-2, dim2=-1)
+            shift = damping * diagonal.mean().clamp_min(torch.finfo(matrix.dtype).tiny)
+            self._matrices[name] = matrix + shift * torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+
+    def names(self) -> list[str]:
+        return list(self._matrices)
+
+    def _groups_of(self, name: str, rows: torch.Tensor, out_units: int) -> torch.Tensor:
+        groups = self._matrices[name].shape[0]
+        return torch.div(rows, out_units // groups, rounding_mode="floor")
+
+    def diagonal(self, name: str, out_units: int) -> torch.Tensor:
+        """``(out_units, fan_in)``: ``Hhat_r[j, j]`` for every unit r and input j."""
+        matrices = self._matrices[name]
+        rows = torch.arange(out_units, device=matrices.device)
+        return matrices.diagonal(dim1=-2, dim2=-1)[self._groups_of(name, rows, out_units)]
+
+    def unit_rows(self, name: str, out_units: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """``(n, m, fan_in)``: rows ``cols[i, :]`` of unit ``rows[i]``'s matrix."""
+        matrices = self._matrices[name]
+        return matrices[self._groups_of(name, rows, out_units)[:, None], cols]
+
+    def unit_matrices(self, name: str, out_units: int, rows: torch.Tensor) -> torch.Tensor:
+        """``(n, fan_in, fan_in)``: the full matrix of each unit in ``rows`` (an expanded view when shared)."""
+        matrices = self._matrices[name]
+        if matrices.shape[0] == 1:
+            return matrices.expand(len(rows), -1, -1)
+        return matrices[self._groups_of(name, rows, out_units)]
+
+    def bilinear(self, name: str, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        matrices = self._matrices[name]
+        groups, fan_in = matrices.shape[0], matrices.shape[-1]
+        left = left.to(matrices.dtype).reshape(groups, -1, fan_in)
+        right = right.to(matrices.dtype).reshape(groups, -1, fan_in)
+        return ((left @ matrices) * right).sum(-1).reshape(-1)
+
+    def inverse_diagonal(self, name: str, out_units: int) -> torch.Tensor:
+        """``(out_units, fan_in)``: ``[Hhat_r^-1]_jj`` (for OBS saliencies)."""
+        matrices = self._matrices[name].double()
+        inverse = torch.cholesky_inverse(torch.linalg.cholesky(matrices))
+        rows = torch.arange(out_units, device=matrices.device)
+        return inverse.diagonal(dim1=-2, dim2=-1)[self._groups_of(name, rows, out_units)].to(self._matrices[name].dtype)
+
+
+class LowRankLossCurvature(UnitCurvature):
+    """Units' blocks of ``sum_k lambda_k u_k u_k^T + diag(d)`` from loss-Hessian eigenpairs.
+
+    ``eigenvectors``: ``{param name: (k, *weight.shape)}``, ``eigenvalues``: ``(k,)`` (or a
+    dict of per-layer ``(k,)`` for block-diagonal scope); ``diagonal``: optional
+    ``{param name: weight-shaped}`` residual diagonal.
+    """
+
+    kind = "loss"
+
+    def __init__(self, eigenvalues, eigenvectors: Mapping[str, torch.Tensor],
+                 diagonal: Mapping[str, torch.Tensor] | None = None, damping: float = 0.01):
+        self.damping = damping
+        # |lambda|: a merge divides by the curvature, which must be positive; negative
+        # curvature still counts by its size, as in the spectrum report.
+        self._values = {name: (eigenvalues[name] if isinstance(eigenvalues, Mapping) else eigenvalues).abs()
+                        for name in eigenvectors}
+        self._vectors = {name: vectors.reshape(vectors.shape[0], vectors.shape[1], -1)
+                         for name, vectors in eigenvectors.items()}
+        self._diagonal = {}
+        for name, vectors in self._vectors.items():
+            values = self._values[name].to(vectors)
+            diag = torch.einsum("k,krj->rj", values, vectors**2)
+            if diagonal is not None and name in diagonal:
+                diag = diag + unit_matrix(diagonal[name]).to(diag).clamp_min(0)
+            shift = damping * diag.abs().mean().clamp_min(torch.finfo(diag.dtype).tiny)
+            self._diagonal[name] = (diag, shift)
+
+    def names(self) -> list[str]:
+        return list(self._vectors)
+
+    def diagonal(self, name: str, out_units: int) -> torch.Tensor:
+        diag, shift = self._diagonal[name]
+        return diag + shift
+
+    def bilinear(self, name: str, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        vectors = self._vectors[name]
+        values = self._values[name].to(vectors)
+        diag, shift = self._diagonal[name]
+        left, right = left.to(vectors), right.to(vectors)
+        low_rank = torch.einsum("k,kr,kr->r", values, (vectors * left).sum(-1), (vectors * right).sum(-1))
+        low_rank_diag = torch.einsum("k,krj->rj", values, vectors**2)
+        return low_rank + ((diag - low_rank_diag + shift) * left * right).sum(-1)
+
+    def unit_rows(self, name: str, out_units: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        vectors = self._vectors[name][:, rows, :]  # (k, n, d)
+        values = self._values[name].to(vectors)
+        picked = vectors.gather(2, cols[None].expand(vectors.shape[0], -1, -1))  # (k, n, m)
+        result = torch.einsum("k,knm,knj->nmj", values, picked, vectors)
+        diag, shift = self._diagonal[name]
+        correction = diag[rows].gather(1, cols) - torch.einsum("k,knm->nm", values, picked**2) + shift
+        result.scatter_add_(2, cols[:, :, None], correction[:, :, None])
+        return result
+
+    def unit_matrices(self, name: str, out_units: int, rows: torch.Tensor) -> torch.Tensor:
+        vectors = self._vectors[name][:, rows, :]  # (k, n, d)
+        values = self._values[name].to(vectors)
+        matrices = torch.einsum("k,kni,knj->nij", values, vectors, vectors)
+        diag, shift = self._diagonal[name]
+        low_rank_diag = matrices.diagonal(dim1=-2, dim2=-1).clone()
+        matrices.diagonal(dim1=-2, dim2=-1).add_(diag[rows] - low_rank_diag + shift)
+        return matrices
+
+    def inverse_diagonal(self, name: str, out_units: int) -> torch.Tensor:
+        rows = torch.arange(out_units, device=self._diagonal[name][0].device)
+        inverses = []
+        for chunk in rows.split(max(1, 2**24 // max(1, self._diagonal[name][0].shape[1] ** 2))):
+            inverses.append(torch.linalg.inv(self.unit_matrices(name, out_units, chunk).double()).diagonal(dim1=-2, dim2=-1))
+        return torch.cat(inverses).to(self._diagonal[name][0].dtype)

@@ -1,0 +1,114 @@
+import pytest
+import torch
+from torch import nn
+
+from camphive.errors import ConfigError, DataError
+from camphive.pruning import prune
+
+from tests.pruning.cases import image_batches, tiny_cnn
+
+
+@pytest.mark.parametrize("criterion", ["camp-hive", "magnitude", "random", "taylor", "obd", "hutchinson"])
+def test_sparsity_is_exact_and_masks_match_the_zeros(criterion):
+    model = tiny_cnn()
+    result = prune(model, image_batches(), 0.8, criterion=criterion, min_keep=0.05, hutchinson_probes=4)
+    total = sum(mask.numel() for mask in result.masks.values())
+    assert abs(result.sparsity - 0.8) <= 0.001 + 1 / total
+    parameters = dict(model.named_parameters())
+    for name, mask in result.masks.items():
+        assert torch.count_nonzero(parameters[name][~mask]) == 0
+        assert mask.sum() >= 1
+    assert result.after["prunable_nonzero"] < result.before["prunable_nonzero"]
+
+
+def test_no_layer_is_emptied_at_extreme_sparsity():
+    model = tiny_cnn()
+    result = prune(model, image_batches(), 0.97, criterion="magnitude", min_keep=0.01)
+    for name, sparsity in result.layer_sparsity.items():
+        assert sparsity < 1.0, name
+
+
+@pytest.mark.parametrize("options", [
+    {"score": "obs"}, {"loss_weighting": "unit"}, {"loss_weighting": "layer", "loss_diagonal": "hutchinson"},
+    {"score": "diag_lowrank", "top_k": 3}, {"score": "hv_product", "top_k": 2},
+    {"curvature": "loss", "merge": "least_squares", "top_k": 3},
+    {"curvature": "loss", "merge": "curvature", "pairing": "coupled", "top_k": 3, "scope": "layer"},
+    {"merge": "half", "pairing": "cyclic"}, {"merge": "none"}, {"first_order_weight": 1.0},
+    {"cycles": 3, "schedule": "cubic", "recovery_steps": 1}, {"selection": "layer", "recalibrate_bn": True},
+])
+def test_every_camp_hive_option_runs_and_reports(options):
+    model = tiny_cnn()
+    result = prune(model, image_batches(), 0.6, criterion="camp-hive", hutchinson_probes=2, **options)
+    assert abs(result.sparsity - 0.6) < 0.01
+    assert len(result.cycles) == options.get("cycles", 1)
+    uses_loss_hessian = options.get("curvature") == "loss" or options.get("score") in ("diag_lowrank", "hv_product")
+    if uses_loss_hessian:
+        assert result.num_hvps > 0 and result.eigenvalues
+    for key in ("sparsity", "config", "before", "after", "num_hvps", "curvature_seconds"):
+        assert key in result.to_dict()
+
+
+def _regression_problem(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(256, 8, generator=generator, dtype=torch.float64)
+    inputs[:, 1] += inputs[:, 0]  # correlated inputs: merging has something to exploit
+    inputs[:, 5] -= 0.7 * inputs[:, 4]
+    truth = torch.randn(3, 8, generator=generator, dtype=torch.float64)
+    targets = inputs @ truth.T
+    return [(inputs[i : i + 64], targets[i : i + 64]) for i in range(0, 256, 64)], truth
+
+
+def _loss(model, batches):
+    with torch.no_grad():
+        return sum(nn.functional.mse_loss(model(x), y, reduction="sum").item() for x, y in batches)
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("pairing", ["cyclic", "coupled"])
+def test_on_a_quadratic_model_merging_never_loses_to_plain_pruning(seed, pairing):
+    batches, truth = _regression_problem(seed)
+    losses = {}
+    for merge in ("none", "curvature", "least_squares"):
+        model = nn.Linear(8, 3, bias=False).double()
+        with torch.no_grad():
+            model.weight.copy_(truth)
+        prune(model, batches, 0.5, criterion="magnitude", merge=merge, pairing=pairing, damping=0.0,
+              loss_fn=nn.functional.mse_loss, min_keep=0.0)
+        losses[merge] = _loss(model, batches)
+    assert losses["curvature"] <= losses["none"] + 1e-9
+    assert losses["least_squares"] <= losses["curvature"] + 1e-9
+
+
+def test_cycles_reestimate_on_the_pruned_model_and_follow_the_schedule():
+    result = prune(tiny_cnn(), image_batches(), 0.75, cycles=3, schedule="linear")
+    assert [round(c["target"], 4) for c in result.cycles] == [0.25, 0.5, 0.75]
+    assert [round(c["sparsity"], 2) for c in result.cycles] == [0.25, 0.5, 0.75]
+    assert all("covariances" in c["seconds"] for c in result.cycles)
+
+
+def test_existing_masks_stay_pruned():
+    model = tiny_cnn()
+    first = prune(model, image_batches(), 0.5, criterion="magnitude")
+    second = prune(model, image_batches(), 0.8, criterion="camp-hive", masks=first.masks)
+    for name, mask in first.masks.items():
+        assert not (second.masks[name] & ~mask).any()
+
+
+def test_ignored_layers_are_left_alone():
+    model = tiny_cnn()
+    before = model[10].weight.detach().clone()
+    result = prune(model, image_batches(), 0.5, ignored_layers=["10"])
+    assert "10.weight" not in result.masks and torch.equal(model[10].weight, before)
+
+
+def test_bad_input():
+    with pytest.raises(ConfigError, match="no prunable layers"):
+        prune(nn.Sequential(nn.ReLU()), image_batches(), 0.5)
+    with pytest.raises(DataError, match="calibration data is empty"):
+        prune(tiny_cnn(), [], 0.5)
+    with pytest.raises(ConfigError, match="unknown merge"):
+        prune(tiny_cnn(), image_batches(), 0.5, merge="glue")
+    with pytest.raises(ConfigError, match="unknown criterion"):
+        prune(tiny_cnn(), image_batches(), 0.5, criterion="vibes")
+    with pytest.raises(ConfigError, match="sparsity must be in"):
+        prune(tiny_cnn(), image_batches(), 1.5)
