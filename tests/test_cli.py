@@ -57,3 +57,33 @@ def test_corrupt_checkpoint_gives_one_line(tmp_path):
     result = run_cli("evaluate", "--checkpoint", path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "truncated or not a safetensors file" in result.stderr
+
+
+def test_prune_export_and_spectrum_on_a_trained_checkpoint(tmp_path):
+    trained = tmp_path / "train"
+    assert run_cli("train", "--dataset", "synthetic", "--epochs", "1", "--out", trained).returncode == 0
+    checkpoint = trained / "model.safetensors"
+    pruned = tmp_path / "prune"
+    result = run_cli("prune", "--checkpoint", checkpoint, "--sparsity", "0.8", "--calib-samples", "128",
+                     "--finetune-epochs", "1", "--train-subset", "128", "--out", pruned)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((pruned / "results.json").read_text())
+    assert abs(results["prune"]["sparsity"] - 0.8) < 0.001
+    assert results["finetuned"] is not None
+    exported = run_cli("export", "--checkpoint", pruned / "model.safetensors", "--onnx", tmp_path / "m.onnx")
+    assert exported.returncode == 0, exported.stderr
+    assert (tmp_path / "m.onnx").stat().st_size > 0
+    spectrum = run_cli("spectrum", "--checkpoint", checkpoint, "--top-k", "2", "--calib-samples", "64",
+                       "--trace-probes", "2", "--no-per-layer", "--out", tmp_path / "spectrum")
+    assert spectrum.returncode == 0, spectrum.stderr
+    data = json.loads((tmp_path / "spectrum" / "spectrum.json").read_text())
+    assert len(data["global"]["eigenvalues"]) == 2 and (tmp_path / "spectrum" / "convergence.png").is_file()
+
+
+def test_prune_with_a_sparsity_that_empties_layers_is_refused(tmp_path):
+    trained = tmp_path / "train"
+    assert run_cli("train", "--dataset", "synthetic", "--epochs", "1", "--out", trained).returncode == 0
+    result = run_cli("prune", "--checkpoint", trained / "model.safetensors", "--sparsity", "0.999",
+                     "--min-keep", "0.05", "--calib-samples", "64", "--out", tmp_path / "p")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "would empty a layer" in result.stderr

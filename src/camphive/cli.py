@@ -143,6 +143,112 @@ def demo(
     print(result["summary"])
 
 
+def _options(**values) -> dict:
+    """Options the user set (None means: the API's measured default)."""
+    return {key: value for key, value in values.items() if value is not None}
+
+
+@app.command("prune")
+def prune_command(
+    checkpoint: Path = typer.Option(..., help="model.safetensors to prune (from camphive train)."),
+    out: Path = typer.Option(Path("runs/prune"), help="Run folder to write."),
+    sparsity: Optional[float] = typer.Option(None, help="Fraction of weights (unstructured) or channels to remove."),
+    mode: str = typer.Option("unstructured", help="unstructured (masks) or structured (channels removed)."),
+    criterion: str = typer.Option("camp-hive", help="camp-hive, magnitude, random, taylor, obd, hutchinson."),
+    target_macs_ratio: Optional[float] = typer.Option(None, help="Structured: MACs reduction to reach, e.g. 2.0."),
+    score: Optional[str] = typer.Option(None, help="camp-hive score: diagonal, obs, diag_lowrank, hv_product."),
+    curvature: Optional[str] = typer.Option(None, help="reconstruction (layer G) or loss (Hessian eigenpairs)."),
+    loss_weighting: Optional[str] = typer.Option(None, help="none, unit or layer."),
+    pairing: Optional[str] = typer.Option(None, help="cyclic or coupled."),
+    merge: Optional[str] = typer.Option(None, help="curvature, half, none or least_squares."),
+    cycles: Optional[int] = typer.Option(None, min=1),
+    schedule: Optional[str] = typer.Option(None, help="linear, cubic or constant."),
+    selection: Optional[str] = typer.Option(None, help="global or layer thresholds."),
+    scope: Optional[str] = typer.Option(None, help="Loss Hessian: global or layer blocks."),
+    top_k: Optional[int] = typer.Option(None, min=1, help="Loss-Hessian eigenpairs."),
+    min_keep: Optional[float] = typer.Option(None, help="Per-layer floor: fraction (<1) or count."),
+    damping: Optional[float] = typer.Option(None),
+    recalibrate_bn: Optional[bool] = typer.Option(None, help="Re-estimate BatchNorm statistics after pruning."),
+    dataset: Optional[str] = typer.Option(None, help="Default: the dataset recorded in the checkpoint."),
+    data_root: Optional[str] = typer.Option(None),
+    calib_samples: int = typer.Option(1024, min=1, help="Calibration images drawn from the training split."),
+    finetune_epochs: int = typer.Option(0, min=0),
+    finetune_lr: float = typer.Option(0.01),
+    train_subset: Optional[int] = typer.Option(None, help="Fine-tune on N random training samples."),
+    device: str = DeviceOption,
+    seed: int = typer.Option(0),
+    overwrite: bool = typer.Option(False),
+    config: Optional[Path] = ConfigOption,
+):
+    """Prune a checkpoint with CAMP-HiVe (or a baseline), optionally fine-tune, write the pruned checkpoint."""
+    from camphive.jobs.prune import prune_job
+
+    options = _options(score=score, curvature=curvature, loss_weighting=loss_weighting, pairing=pairing,
+                       merge=merge, cycles=cycles, schedule=schedule, selection=selection, scope=scope,
+                       top_k=top_k, min_keep=min_keep, damping=damping, recalibrate_bn=recalibrate_bn)
+    results = prune_job(checkpoint=checkpoint, out=out, sparsity=sparsity, mode=mode, criterion=criterion,
+                        target_macs_ratio=target_macs_ratio, dataset=dataset, data_root=data_root,
+                        calib_samples=calib_samples, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
+                        train_subset=train_subset, device=device, seed=seed, overwrite=overwrite, options=options)
+    summary = {"dense accuracy": results["dense"]["accuracy"], "pruned accuracy": results["pruned"]["accuracy"],
+               "sparsity": results["prune"]["sparsity"]}
+    if results["finetuned"]:
+        summary["fine-tuned accuracy"] = results["finetuned"]["accuracy"]
+    _echo_metrics(f"{criterion} ({mode}) -> {out}", summary)
+
+
+@app.command("spectrum")
+def spectrum_command(
+    checkpoint: Path = typer.Option(..., help="model.safetensors to analyse."),
+    out: Path = typer.Option(Path("runs/spectrum")),
+    top_k: int = typer.Option(5, min=1),
+    method: str = typer.Option("lanczos", help="lanczos, power or eigsh."),
+    per_layer: bool = typer.Option(True),
+    trace_probes: int = typer.Option(16, min=0),
+    tol: float = typer.Option(1e-3),
+    max_iter: int = typer.Option(100, min=1),
+    calib_samples: int = typer.Option(1024, min=1),
+    dataset: Optional[str] = typer.Option(None),
+    data_root: Optional[str] = typer.Option(None),
+    seed: int = typer.Option(0),
+    overwrite: bool = typer.Option(False),
+    config: Optional[Path] = ConfigOption,
+):
+    """Top loss-Hessian eigenvalues (global and per layer), trace estimate, convergence PNG and JSON."""
+    from camphive.jobs.spectrum import spectrum_job
+
+    options = {key: value for key, value in locals().items() if key not in ("config", "spectrum_job")}
+    result = spectrum_job(**options)
+    _echo_metrics(f"spectrum of {checkpoint} -> {out}", {
+        "eigenvalues": ", ".join(f"{value:.4g}" for value in result["global"]["eigenvalues"]),
+        "trace": None if result["trace"] is None else result["trace"]["trace"],
+        "Hessian-vector products": result["num_matvecs"],
+    })
+
+
+@app.command("export")
+def export_command(
+    checkpoint: Path = typer.Option(..., help="model.safetensors (dense or pruned)."),
+    onnx: Path = typer.Option(..., help="ONNX file to write."),
+    input_shape: Optional[str] = typer.Option(None, help="C,H,W (default: recorded in the checkpoint)."),
+    fold_batchnorm: bool = typer.Option(True),
+    opset: int = typer.Option(17),
+    config: Optional[Path] = ConfigOption,
+):
+    """Export to ONNX and check it in onnxruntime against torch."""
+    from camphive.jobs.export import export_job
+
+    shape = None
+    if input_shape:
+        try:
+            shape = tuple(int(part) for part in input_shape.split(","))
+        except ValueError as error:
+            raise ConfigError(f"--input-shape {input_shape!r} is not C,H,W integers, e.g. 3,32,32") from error
+    result = export_job(checkpoint=checkpoint, onnx=onnx, input_shape=shape, fold_batchnorm=fold_batchnorm, opset=opset)
+    _echo_metrics(f"exported {checkpoint} -> {onnx}", {"max abs difference vs torch": result["max_abs_diff"],
+                                                      "bytes": result["file_size_bytes"]})
+
+
 def _interrupt(_signum, _frame):
     raise Interrupted("interrupted; files already written are complete, and commands with --resume can continue the run")
 

@@ -57,3 +57,14 @@ def test_learns_a_small_batch():
     with torch.no_grad():
         accuracy = (model(inputs).argmax(1) == targets).float().mean().item()
     assert accuracy == 1.0
+
+
+def test_small_cnn_exports_to_onnx_on_cifar_sized_input(tmp_path):
+    import torch
+
+    from camphive import models
+    from camphive.export import export_onnx
+
+    model = models.create("small-cnn", num_classes=10, in_channels=3).eval()
+    result = export_onnx(model, tmp_path / "m.onnx", torch.randn(2, 3, 32, 32))
+    assert result.max_abs_diff <= 1e-4

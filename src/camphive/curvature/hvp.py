@@ -44,8 +44,13 @@ class HessianOperator(LinearOperatorBase):
             prunable conv and linear weights (``camphive.layers.prunable_parameters``).
         num_batches: read only the first ``num_batches`` batches of ``data``.
         block: ``None``/``"global"``: the full Hessian; ``"layer"``: its block diagonal, one
-            block per parameter tensor (each product runs one partial second backward per block,
-            sharing the batch's first backward; see :meth:`block_operators` for single blocks).
+            block per parameter tensor. Exact block-diagonal products cannot come from one
+            second backward (it always mixes blocks), so each product runs, per batch, the
+            first backward once (none when cached) and then one second backward per block,
+            ``d/d theta_i (g_i . v_i)``; autograd walks only the graph between ``g_i`` and
+            ``theta_i`` (the layers from ``i`` to the loss), so in a chain of L layers a
+            block-diagonal product costs about L/2 full products. :meth:`block_operators`
+            gives the blocks one by one (per-layer spectra) at the same per-block cost.
         method: ``"double_backward"`` (default, fastest measured) or ``"forward_over_reverse"``.
         cache_graph: keep each batch's first-backward graph between products (double backward
             only): ``True``, ``False`` or ``"auto"`` (while it fits in ``memory_budget`` bytes,

@@ -176,11 +176,16 @@ class DoubleBackwardEngine(_EngineBase):
             inputs, targets = self.batches[batch]
             counts = [1, 2] if inputs.shape[0] >= 2 else [1]
             sizes = []
-            for count in counts:
-                with _SavedBytesMeter(self.model, inputs) as meter:
-                    loss = self.loss_fn(self.model(inputs[:count]), targets[:count])
-                    torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-                sizes.append(meter.bytes)
+            try:
+                for count in counts:
+                    with _SavedBytesMeter(self.model, inputs) as meter:
+                        loss = self.loss_fn(self.model(inputs[:count]), targets[:count])
+                        torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+                    sizes.append(meter.bytes)
+            except (RuntimeError, ValueError, IndexError):
+                # a model or loss that cannot run on one sample: no estimate, so "auto" does not cache
+                self._size_estimates[batch] = float("inf") if self.cache_graph == "auto" else 0
+                return self._size_estimates[batch]
             per_sample = sizes[-1] - sizes[0] if len(sizes) == 2 else sizes[0]
             fixed = sizes[0] - per_sample
             self._size_estimates[batch] = max(int(fixed + per_sample * inputs.shape[0]), 0)

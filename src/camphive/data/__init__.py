@@ -54,7 +54,8 @@ def load(name: str, root=None, split: str = "train", transform="auto", **options
     """Load dataset ``name``'s ``split`` ("train" or "test") from ``root``.
 
     ``transform``: ``"auto"`` (the dataset's standard augmentation for train and
-    normalization), ``None`` (pixels as floats in [0, 1], nothing else), or a callable
+    normalization), ``"eval"`` (the test-time transform on any split, e.g. for calibration
+    batches drawn from the training data), ``None`` (pixels as floats in [0, 1], nothing else), or a callable
     applied to the stored image (a uint8 ``(C, H, W)`` tensor; a PIL image for imagenet).
     ``options`` are dataset-specific: cifar100 ``labels="fine"|"coarse"``; imagenet
     ``image_size``; synthetic ``num_samples``, ``num_classes``, ``shape``, ``seed``, ``noise``.

@@ -51,20 +51,23 @@ def check_options(name: str, options: Mapping, accepted: Sequence[str]) -> None:
         raise ConfigError(f"unknown option(s) {', '.join(unknown)} for dataset {name!r}; accepted options: {known}")
 
 
-def resolve_transform(transform, auto: Callable[[], Callable] | None, base: Callable) -> Callable:
+def resolve_transform(transform, auto: Callable[[bool], Callable] | None, base: Callable, split: str) -> Callable:
     """Turn the ``transform`` argument of ``load`` into a callable.
 
-    ``"auto"`` -> the dataset's default (``auto()``); ``None`` -> ``base`` (conversion to a
+    ``"auto"`` -> the dataset's default for the split (``auto(train)``: augmentation on the
+    train split); ``"eval"`` -> the test-time default on any split (``auto(False)``: e.g.
+    calibration batches drawn from training data); ``None`` -> ``base`` (conversion to a
     float tensor only); a callable is used as given.
     """
     if isinstance(transform, str):
-        if transform.lower() != "auto":
-            raise ConfigError(f"transform must be 'auto', None or a callable, got {transform!r}")
-        return auto() if auto is not None else base
+        mode = transform.lower()
+        if mode not in ("auto", "eval"):
+            raise ConfigError(f"transform must be 'auto', 'eval', None or a callable, got {transform!r}")
+        return auto(mode == "auto" and split == "train") if auto is not None else base
     if transform is None:
         return base
     if not callable(transform):
-        raise ConfigError(f"transform must be 'auto', None or a callable, got {type(transform).__name__}")
+        raise ConfigError(f"transform must be 'auto', 'eval', None or a callable, got {type(transform).__name__}")
     return transform
 
 

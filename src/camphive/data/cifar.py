@@ -229,7 +229,7 @@ def _load_cifar(name: str, root, split: str, transform, label_key: str, num_clas
         name=name,
         num_classes=num_classes,
         classes=_class_names(source, name, label_key, num_classes),
-        transform=resolve_transform(transform, lambda: default_transform(name, split == "train"), ToFloat()),
+        transform=resolve_transform(transform, lambda train: default_transform(name, train), ToFloat(), split),
         split=split,
         source=str(source.path),
     )

@@ -206,7 +206,7 @@ def load_imagenet(root=None, split: str = "train", transform="auto", image_size:
     return ImageFolderDataset(
         samples,
         classes,
-        transform=resolve_transform(transform, lambda: imagenet_transform(split == "train", int(image_size)), Compose([PILToTensor(), ToFloat()])),
+        transform=resolve_transform(transform, lambda train: imagenet_transform(train, int(image_size)), Compose([PILToTensor(), ToFloat()]), split),
         name="imagenet",
         split=split,
         source=str(root / _SPLIT_FOLDERS[split]),

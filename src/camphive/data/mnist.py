@@ -146,7 +146,7 @@ def _load_idx_dataset(name: str, root, split: str, transform, options: dict) -> 
         name=name,
         num_classes=info.num_classes,
         classes=list(info.classes),
-        transform=resolve_transform(transform, lambda: default_transform(name, split == "train"), ToFloat()),
+        transform=resolve_transform(transform, lambda train: default_transform(name, train), ToFloat(), split),
         split=split,
         source=str(labels_path.parent),
     )

@@ -73,7 +73,7 @@ def load_synthetic(
         name="synthetic",
         num_classes=num_classes,
         classes=[f"class_{index}" for index in range(num_classes)],
-        transform=resolve_transform(transform, None, ToFloat()),
+        transform=resolve_transform(transform, None, ToFloat(), split),
         split=split,
         source=f"synthetic(seed={seed})",
     )

@@ -78,3 +78,14 @@ def checkpoint_metadata(splits: DataSplits, **extra) -> dict:
         "input_shape": list(splits.input_shape),
         **extra,
     }
+
+
+def calibration_batches(name: str, root: str | None, samples: int, batch_size: int, seed: int, **options) -> list:
+    """A seeded random subset of the training split, with the test-time transform, as a list of batches."""
+    from camphive.errors import ConfigError
+
+    if samples < 1:
+        raise ConfigError(f"calibration samples must be >= 1, got {samples}")
+    dataset = datasets.load(name, root=root, split="train", transform="eval", **options)
+    samples = min(samples, len(dataset))
+    return list(datasets.loader(dataset, batch_size=batch_size, subset=samples, random_subset=True, seed=seed))

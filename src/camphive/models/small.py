@@ -10,8 +10,8 @@ Layout, for a (B, C, 28, 28) input:
     fc2 256->num_classes                            -> (B, num_classes)
 
 0.39M parameters for 1-channel input and 10 classes (fc1 holds three quarters of them).
-For 28x28 inputs the adaptive pool is the identity (so the model exports to ONNX); for
-other sizes (32x32, ...) it brings the map to 3x3, so every input size >= 8 works.
+For 28x28 inputs the adaptive pool is the identity; for other sizes (32x32, ...) it brings
+the map to 3x3, so every input size >= 8 works, and exports to ONNX.
 Module names are flat (conv1/bn1/.../fc1/fc2) so pruning reports read easily.
 """
 from __future__ import annotations
@@ -21,6 +21,25 @@ from torch import nn
 
 from camphive.errors import ConfigError
 from camphive.models.init import init_standard
+
+
+class ExportableAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+    """Adaptive average pooling that also exports to ONNX when the size is not a multiple.
+
+    The ONNX exporter only handles adaptive pooling whose output size divides the input
+    size; during export the same windows (start floor(i*H/n), end ceil((i+1)*H/n)) are
+    averaged explicitly, which gives identical numbers.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = int(x.shape[-2]), int(x.shape[-1])
+        rows, cols = (self.output_size, self.output_size) if isinstance(self.output_size, int) else self.output_size
+        if not torch.onnx.is_in_onnx_export() or (height % rows == 0 and width % cols == 0):
+            return super().forward(x)
+        x = torch.cat([x[..., (i * height) // rows : -((-(i + 1) * height) // rows), :].mean(-2, keepdim=True)
+                       for i in range(rows)], dim=-2)
+        return torch.cat([x[..., (j * width) // cols : -((-(j + 1) * width) // cols)].mean(-1, keepdim=True)
+                          for j in range(cols)], dim=-1)
 
 
 class SmallCNN(nn.Module):
@@ -55,7 +74,7 @@ class SmallCNN(nn.Module):
         self.bn3 = nn.BatchNorm2d(w3)
         self.relu3 = nn.ReLU()
         self.pool3 = nn.MaxPool2d(2)
-        self.adaptive_pool = nn.AdaptiveAvgPool2d(3)
+        self.adaptive_pool = ExportableAdaptiveAvgPool2d(3)
         self.flatten = nn.Flatten(1)
         self.fc1 = nn.Linear(w3 * 9, hidden_features)
         self.relu4 = nn.ReLU()

@@ -175,5 +175,12 @@ class CalibrationInfo:
             return per_unit.mean().expand(out_units)
         return per_unit.clamp_min(per_unit.mean() * 1e-3)
 
+    def close(self) -> None:
+        """Free the cached autograd graphs and matrices (the model is about to change)."""
+        operator = self._cache.get("hessian_operator")
+        if operator is not None:
+            operator.clear_cache()
+        self._cache.clear()
+
     def report(self) -> dict:
         return {"num_hvps": self.num_hvps, "seconds": dict(self.seconds), "eigenvalues": self.eigenvalue_report()}

@@ -178,6 +178,7 @@ def prune(
         if recalibrate_bn:
             recalibrate_batchnorm(model, batches)
         report = info.report()
+        info.close()
         num_hvps += report["num_hvps"]
         curvature_seconds += sum(report["seconds"].values())
         eigenvalues = report["eigenvalues"] or eigenvalues

@@ -1,0 +1,191 @@
+"""How many channels each group keeps: sparsity or MACs targets, uniform or global, rounded.
+
+MACs are predicted without pruning anything: one counted forward pass
+(:func:`camphive.measure.count_macs`) gives, for every conv, linear and BatchNorm, the
+number of positions at which each of its weights (or channels) is used; a layer's MACs
+after removal are those positions times its new weight count, which follows from how many
+input and output channels its groups keep. MACs of other operations (residual additions)
+are held at their current value, so the prediction slightly overestimates what is left:
+a MACs target is met or beaten, never missed by the prediction.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from camphive.errors import ConfigError
+from camphive.measure import MacsReport
+from camphive.pruning.channel_groups import ChannelGroup
+
+
+@dataclass
+class _LayerCost:
+    positions: float  # uses of each weight (conv/linear) or channel (norm) per sample
+    kind: str  # "weights" or "norm"
+    out_channels: int
+    in_channels: int
+    weight_per_pair: float  # weights per (output channel, input channel) pair: kernel / groups
+    depthwise: bool
+    out_groups: list[tuple[str, int]]  # (group key, layer channels per group channel)
+    in_groups: list[tuple[str, int]]
+
+
+class MacsModel:
+    """Predicts per-sample MACs (the :func:`count_macs` convention) for any kept channel counts."""
+
+    def __init__(self, model: nn.Module, groups: list[ChannelGroup], report: MacsReport):
+        """``report``: :func:`count_macs` of ``model`` as it is now, on one sample."""
+        self.total = report.total
+        self.sizes = {group.key: group.size for group in groups}
+        memberships: dict[str, dict[str, list]] = {}
+        for group in groups:
+            for member in group.members:
+                entry = memberships.setdefault(member.name, {"out": [], "in": []})
+                per_channel = max(1, member.indices.numel() // max(group.size, 1))
+                side = "in" if member.role == "consumer" else "out"
+                entry[side].append((group.key, per_channel))
+        self.layers: list[_LayerCost] = []
+        modelled = 0
+        for name, module in model.named_modules():
+            macs = report.per_layer.get(name or "(model)", 0)
+            if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and macs:
+                entry = memberships.get(name, {"out": [], "in": []})
+                weight = module.weight
+                if isinstance(module, nn.Linear):
+                    out_channels, in_channels, per_pair, depthwise = module.out_features, module.in_features, 1.0, False
+                else:
+                    out_channels, in_channels = module.out_channels, module.in_channels
+                    depthwise = module.groups > 1 and module.groups == module.in_channels
+                    per_pair = weight.numel() / (out_channels * in_channels)
+                self.layers.append(_LayerCost(macs / weight.numel(), "weights", out_channels, in_channels, per_pair,
+                                              depthwise, entry["out"], entry["in"]))
+                modelled += macs
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm) and macs:
+                entry = memberships.get(name, {"out": [], "in": []})
+                self.layers.append(_LayerCost(macs / module.num_features, "norm", module.num_features, 0, 0.0, False,
+                                              entry["out"], []))
+                modelled += macs
+        self.fixed = self.total - modelled
+
+    def predict(self, kept: dict[str, int]) -> float:
+        """Per-sample MACs when group ``key`` keeps ``kept[key]`` channels (others keep all)."""
+        total = float(self.fixed)
+        for layer in self.layers:
+            out_channels = layer.out_channels - sum((self.sizes[k] - kept.get(k, self.sizes[k])) * n for k, n in layer.out_groups)
+            if layer.kind == "norm":
+                total += layer.positions * out_channels
+                continue
+            if layer.depthwise:  # filters and inputs go together; weights per filter unchanged
+                total += layer.positions * out_channels * layer.in_channels * layer.weight_per_pair
+                continue
+            in_channels = layer.in_channels - sum((self.sizes[k] - kept.get(k, self.sizes[k])) * n for k, n in layer.in_groups)
+            total += layer.positions * out_channels * in_channels * layer.weight_per_pair
+        return total
+
+
+def minimum_kept(original: int, min_channels: int | float) -> int:
+    """At least one channel; ``min_channels`` >= 1 is a count, in (0, 1) a fraction of ``original``."""
+    if min_channels >= 1:
+        return max(1, min(original, int(min_channels)))
+    return max(1, math.ceil(min_channels * original))
+
+
+def round_kept(kept: int, current: int, round_to: int | None) -> int:
+    """Round a channel count to a multiple of ``round_to`` (at least one multiple, at most ``current``)."""
+    if not round_to or round_to <= 1:
+        return kept
+    rounded = max(round_to, int(round(kept / round_to)) * round_to)
+    return current if rounded >= current else rounded
+
+
+def uniform_kept(groups: list[ChannelGroup], original: dict[str, int], fraction: float, round_to: int | None,
+                 min_channels: int | float) -> dict[str, int]:
+    """Every group keeps ``1 - fraction`` of its original channels (never more than it has now)."""
+    kept = {}
+    for group in groups:
+        n0 = original.get(group.key, group.size)
+        count = max(minimum_kept(n0, min_channels), n0 - int(round(fraction * n0)))
+        kept[group.key] = min(group.size, round_kept(count, group.size, round_to))
+    return kept
+
+
+def uniform_kept_for_macs(groups, original, macs_model: MacsModel, target_macs: float, round_to, min_channels
+                          ) -> tuple[dict[str, int], float]:
+    """The smallest uniform fraction whose predicted MACs are <= ``target_macs`` (bisection)."""
+    low, high = 0.0, 1.0
+    if macs_model.predict(uniform_kept(groups, original, 0.0, round_to, min_channels)) <= target_macs:
+        return uniform_kept(groups, original, 0.0, round_to, min_channels), 0.0
+    for _ in range(40):
+        middle = 0.5 * (low + high)
+        if macs_model.predict(uniform_kept(groups, original, middle, round_to, min_channels)) <= target_macs:
+            high = middle
+        else:
+            low = middle
+    return uniform_kept(groups, original, high, round_to, min_channels), high
+
+
+def _global_order(groups: list[ChannelGroup], scores: list[torch.Tensor]) -> list[tuple[float, str]]:
+    """All channels by ascending score, each group's scores divided by their mean (as
+    Torch-Pruning normalizes), so groups of different scales compare."""
+    order = []
+    for group, score in zip(groups, scores):
+        mean = float(score.abs().mean()) or 1.0
+        order.extend((float(s) / mean, group.key) for s in score)
+    order.sort(key=lambda item: item[0])
+    return order
+
+
+def _global_counts(groups, original, order, count, round_to, min_channels) -> dict[str, int]:
+    kept = {group.key: group.size for group in groups}
+    floor = {group.key: minimum_kept(original.get(group.key, group.size), min_channels) for group in groups}
+    removed = 0
+    for _, key in order:
+        if removed >= count:
+            break
+        if kept[key] > floor[key]:
+            kept[key] -= 1
+            removed += 1
+    sizes = {group.key: group.size for group in groups}
+    return {key: min(sizes[key], round_kept(value, sizes[key], round_to)) for key, value in kept.items()}
+
+
+def global_kept(groups, original, scores, remove_count: int, round_to, min_channels) -> dict[str, int]:
+    """Remove the ``remove_count`` channels of lowest normalized score over all groups."""
+    return _global_counts(groups, original, _global_order(groups, scores), remove_count, round_to, min_channels)
+
+
+def global_kept_for_macs(groups, original, scores, macs_model: MacsModel, target_macs: float, round_to,
+                         min_channels) -> dict[str, int]:
+    """Remove lowest-score channels over all groups until predicted MACs <= ``target_macs``."""
+    order = _global_order(groups, scores)
+    low, high = 0, len(order)
+    if macs_model.predict(_global_counts(groups, original, order, 0, round_to, min_channels)) <= target_macs:
+        return _global_counts(groups, original, order, 0, round_to, min_channels)
+    while low < high:  # smallest count reaching the target (MACs fall as count grows)
+        middle = (low + high) // 2
+        if macs_model.predict(_global_counts(groups, original, order, middle, round_to, min_channels)) <= target_macs:
+            high = middle
+        else:
+            low = middle + 1
+    return _global_counts(groups, original, order, low, round_to, min_channels)
+
+
+def lowest_channels(score: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the ``count`` lowest-scoring channels (ties broken by index)."""
+    if count <= 0:
+        return torch.zeros(0, dtype=torch.int64)
+    order = torch.argsort(score.double(), stable=True)
+    return order[:count].sort().values
+
+
+def check_targets(sparsity: float | None, target_macs_ratio: float | None) -> None:
+    if (sparsity is None) == (target_macs_ratio is None):
+        raise ConfigError("give exactly one of sparsity (fraction of channels, e.g. 0.5) or target_macs_ratio "
+                          "(e.g. 2.0 for half the MACs)")
+    if sparsity is not None and not 0.0 <= sparsity < 1.0:
+        raise ConfigError(f"structured sparsity must be a fraction of channels in [0, 1), got {sparsity}")
+    if target_macs_ratio is not None and not target_macs_ratio >= 1.0:
+        raise ConfigError(f"target_macs_ratio must be >= 1 (2.0 halves the MACs), got {target_macs_ratio}")

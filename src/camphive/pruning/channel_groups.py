@@ -1,0 +1,188 @@
+"""Channel groups: the units of structured pruning, found by Torch-Pruning's dependency graph.
+
+A group is a set of output channels that must be removed together, with everything that
+depends on them: the producing convs/linears (several for a residual stream), their
+BatchNorm channels, depthwise filters, and the input channels of every layer that reads
+them (the *consumers*, through a flatten as several input features per channel). Tracing
+is Torch-Pruning's ``DependencyGraph``; this module only reads its groups into plain data
+(which layer, which role, which indices) and removes channels through it.
+
+Channel ``r`` of a group (its *root index*, ``0 <= r < size``) is the same channel in every
+member; ``member.indices[i]`` is the index in that layer's own dimension of root channel
+``member.root_indices[i]``.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from camphive.errors import ConfigError, one_line
+from camphive.measure import Inputs, as_input_tuple, eval_mode
+
+CONV_OR_LINEAR = (nn.modules.conv._ConvNd, nn.Linear)
+NORMS = (nn.modules.batchnorm._BatchNorm,)
+ROLES = ("producer", "depthwise", "consumer", "norm")
+
+
+@dataclass
+class GroupMember:
+    """One layer's share of a group. ``role``: producer (output channels of a conv/linear),
+    depthwise (a depthwise conv: its filter and input channel), consumer (input channels of a
+    conv/linear), norm (BatchNorm channels)."""
+
+    name: str
+    module: nn.Module
+    role: str
+    indices: torch.Tensor  # (n,) int64, in the layer's own dimension
+    root_indices: torch.Tensor  # (n,) int64, the group channel of each index
+
+    def columns(self, size: int) -> torch.Tensor:
+        """``(size, positions)``: the layer indices of each group channel, in order.
+
+        A consumer after a flatten reads each channel at several positions (features
+        ``c * positions + q`` for a channel-major flatten); a conv reads it once.
+        """
+        order = torch.argsort(self.root_indices, stable=True)
+        counts = torch.bincount(self.root_indices, minlength=size)
+        if counts.numel() != size or not bool((counts == counts[0]).all()) or int(counts[0]) == 0:
+            raise ConfigError(
+                f"layer {self.name} reads the channels of a group unevenly ({counts.tolist()[:8]}...); "
+                "add it to ignored_layers"
+            )
+        return self.indices[order].reshape(size, int(counts[0]))
+
+
+@dataclass
+class ChannelGroup:
+    """Channels removed together; ``size`` channels now, ``key`` stable across cycles."""
+
+    key: str
+    root_name: str
+    size: int
+    members: list[GroupMember]
+    tp_group: object = field(repr=False, default=None)  # Torch-Pruning's Group (full indices)
+    root_module: nn.Module | None = field(repr=False, default=None)
+    root_function: object = field(repr=False, default=None)
+
+    def by_role(self, *roles: str) -> list[GroupMember]:
+        return [member for member in self.members if member.role in roles]
+
+    @property
+    def consumers(self) -> list[GroupMember]:
+        return self.by_role("consumer")
+
+
+def resolve_ignored(model: nn.Module, ignored_layers: Iterable[str | nn.Module] | None) -> list[nn.Module]:
+    """Modules whose output channels stay: the named modules and every module inside them."""
+    modules = dict(model.named_modules())
+    ignored: list[nn.Module] = []
+    for item in ignored_layers or ():
+        if isinstance(item, nn.Module):
+            module = item
+        elif item in modules:
+            module = modules[item]
+        else:
+            examples = [name for name in modules if name][:3]
+            raise ConfigError(f"ignored layer {item!r} is not a module of the model; use a name from "
+                              f"model.named_modules(), e.g. {examples}")
+        ignored.extend(module.modules())
+    return ignored
+
+
+def build_dependency_graph(model: nn.Module, example_inputs: Inputs) -> tp.DependencyGraph:
+    """Trace ``model`` on ``example_inputs`` (eval mode, so BatchNorm statistics stay)."""
+    inputs = as_input_tuple(example_inputs)
+    device = next((p.device for p in model.parameters()), inputs[0].device)
+    inputs = tuple(x.to(device) for x in inputs)
+    try:
+        with eval_mode(model), torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(model, example_inputs=inputs if len(inputs) > 1 else inputs[0],
+                                                         verbose=False)
+    except Exception as error:  # noqa: BLE001 - tracing fails in many ways; all mean the same to the user
+        raise ConfigError(f"Torch-Pruning cannot trace the model ({type(error).__name__}: {one_line(str(error))[:200]}); "
+                          "check example_inputs fit the model, or add the offending layer to ignored_layers") from error
+
+
+def _role(graph: tp.DependencyGraph, module: nn.Module, handler) -> str | None:
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups == module.in_channels \
+            and module.out_channels % module.in_channels == 0:
+        return "depthwise"
+    if isinstance(module, CONV_OR_LINEAR):
+        return "producer" if graph.is_out_channel_pruning_fn(handler) else "consumer"
+    if isinstance(module, NORMS):
+        return "norm"
+    return None  # parameter-free ops (activations, additions, reshapes) carry no weights
+
+
+def _feeds_model_output(graph: tp.DependencyGraph, group) -> bool:
+    """True when removing the group's channels would change the model's output shape."""
+    return any(graph.is_out_channel_pruning_fn(item.dep.handler) and not item.dep.target.outputs
+               and not isinstance(item.dep.target.module, nn.Parameter) for item in group)
+
+
+def channel_groups(model: nn.Module, graph: tp.DependencyGraph,
+                   ignored: list[nn.Module] | None = None) -> list[ChannelGroup]:
+    """The prunable channel groups of ``model``: every group rooted at a conv or linear, except
+    those holding an ignored layer's output channels or the model's output (the classifier)."""
+    names = {module: name for name, module in model.named_modules()}
+    groups = []
+    for tp_group in graph.get_all_groups(ignored_layers=list(ignored or []), root_module_types=CONV_OR_LINEAR):
+        if _feeds_model_output(graph, tp_group):
+            continue
+        members: dict[tuple[int, str], GroupMember] = {}
+        for item in tp_group:
+            module = item.dep.target.module
+            role = _role(graph, module, item.dep.handler)
+            if role is None or module not in names:
+                continue
+            key = (id(module), role)
+            if key in members:  # a depthwise conv appears once for its filters and once for its inputs
+                continue
+            members[key] = GroupMember(names[module], module, role, torch.as_tensor(list(item.idxs), dtype=torch.int64),
+                                       torch.as_tensor(list(item.root_idxs), dtype=torch.int64))
+        root = tp_group[0].dep.target.module
+        size = len(tp_group[0].idxs)
+        producers = sorted(m.name for m in members.values() if m.role in ("producer", "depthwise"))
+        groups.append(ChannelGroup(key="+".join(producers) or names.get(root, "?"), root_name=names.get(root, "?"),
+                                   size=size, members=list(members.values()), tp_group=tp_group, root_module=root,
+                                   root_function=tp_group[0].dep.handler))
+    return groups
+
+
+def remove_channels(graph: tp.DependencyGraph, group: ChannelGroup, channels: torch.Tensor | list[int]) -> None:
+    """Physically remove the group's ``channels`` (root indices) from every member layer."""
+    channels = sorted(int(c) for c in channels)
+    if not channels:
+        return
+    if len(channels) >= group.size:
+        raise ConfigError(f"cannot remove all {group.size} channels of {group.root_name}; keep at least one")
+    graph.get_pruning_group(group.root_module, group.root_function, channels).prune()
+
+
+def layer_weight_name(member: GroupMember) -> str:
+    """The key of the member's weight in ``model.named_parameters()``."""
+    return f"{member.name}.weight" if member.name else "weight"
+
+
+def per_input_channel(module: nn.Module, scores: torch.Tensor) -> torch.Tensor:
+    """Sum of a layer's per-weight values (scores, squares) over everything but the input channel: ``(in,)``."""
+    if isinstance(module, nn.Linear):
+        return scores.reshape(-1, scores.shape[-1]).sum(0)
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):  # weight (in, out/groups, *k)
+        return scores.flatten(1).sum(1)
+    groups = module.groups
+    out_channels, in_per_group = scores.shape[:2]
+    return scores.reshape(groups, out_channels // groups, in_per_group, -1).sum((1, 3)).reshape(-1)
+
+
+def per_output_channel(module: nn.Module, scores: torch.Tensor) -> torch.Tensor:
+    """Sum of a layer's per-weight values over everything but the output channel: ``(out,)``."""
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        in_channels, out_per_group = scores.shape[:2]
+        grouped = scores.reshape(module.groups, in_channels // module.groups, out_per_group, -1)
+        return grouped.sum((1, 3)).reshape(-1)
+    return scores.flatten(1).sum(1)

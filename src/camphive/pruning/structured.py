@@ -1,0 +1,257 @@
+"""Structured CAMP-HiVe: remove whole channels, folding them into kept ones first.
+
+Each cycle:
+
+1. trace the current model with Torch-Pruning's dependency graph and list its channel
+   groups (:mod:`~camphive.pruning.channel_groups`): output channels with their BN
+   channels, depthwise filters, residual partners and the input channels that read them;
+   the classifier's outputs and ``ignored_layers``' outputs are never touched;
+2. score every channel (:mod:`~camphive.pruning.channel_scores`): CAMP-HiVe's curvature
+   scores summed over the group, or a baseline (L1 magnitude, Taylor, random, OBD,
+   Hutchinson, Torch-Pruning's group importances);
+3. decide how many channels each group keeps (:mod:`~camphive.pruning.channel_budget`):
+   this cycle's share of the final ``sparsity`` (fraction of channels) or
+   ``target_macs_ratio``, uniform over groups or global by normalized score, optionally
+   rounded to multiples of ``round_to``;
+4. fold the lowest-scoring channels into kept ones through every layer that reads them
+   (:mod:`~camphive.pruning.channel_merging`), then remove them physically, so MACs,
+   parameters and latency really drop and the model exports and reloads as usual.
+
+Parameters, MACs (:func:`camphive.measure.count_macs`) and, unless
+``measure_latency=False``, CPU latency at batch 1 and 64 (interleaved medians) are
+measured before and after.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from torch import nn
+
+from camphive.batches import take_batches
+from camphive.errors import ConfigError, NumericalError
+from camphive.layers import prunable_parameters
+from camphive.measure import MacsReport, as_input_tuple, count_macs, count_parameters
+from camphive.measure import measure_latency as time_models
+from camphive.pruning.calibration import CalibrationInfo
+from camphive.pruning.channel_budget import (MacsModel, check_targets, global_kept, global_kept_for_macs,
+                                             lowest_channels, uniform_kept, uniform_kept_for_macs)
+from camphive.pruning.channel_groups import build_dependency_graph, channel_groups, remove_channels, resolve_ignored
+from camphive.pruning.channel_merging import (BETA_SOURCES, FLATTEN_FITS, STRUCTURED_MERGES, STRUCTURED_PAIRINGS,
+                                              consumer_grams, merge_group, norm_scales)
+from camphive.pruning.channel_scores import ChannelScorer, canonical_criterion
+from camphive.pruning.pipeline import PruneResult
+
+# Defaults for CAMP-HiVe (baselines default to plain removal, merge="none").
+DEFAULTS = {"channel_score": "summed", "merge": "least_squares", "pairing": "coupled", "beta_from": "activations", "flatten_fit": "shared"}
+
+
+def prune_structured(
+    model: nn.Module,
+    calib_data,
+    sparsity: float | None = None,
+    *,
+    criterion: str = "camp-hive",
+    target_macs_ratio: float | None = None,
+    cycles: int = 1,
+    merge: str | None = None,
+    pairing: str | None = None,
+    beta_from: str | None = None,
+    flatten_fit: str | None = None,
+    damping: float = 0.01,
+    global_pruning: bool = False,
+    round_to: int | None = None,
+    min_channels: int | float = 1,
+    ignored_layers=None,
+    example_inputs: torch.Tensor | None = None,
+    loss_fn=None,
+    num_batches: int | None = None,
+    seed: int = 0,
+    criterion_options: dict | None = None,
+    channel_score: str | None = None,
+    measure_latency: bool = True,
+    latency_batch_sizes: tuple[int, ...] = (1, 64),
+    latency_threads: int | None = None,
+    latency_seconds: float = 1.0,
+) -> PruneResult:
+    """Remove channels from ``model`` in place; return a :class:`PruneResult` (``mode="structured"``).
+
+    Targets (exactly one): ``sparsity``, the fraction of each group's channels to remove
+    (of all prunable channels with ``global_pruning``), or ``target_macs_ratio`` (2.0 =
+    half the MACs of :func:`camphive.measure.count_macs`), each reached linearly over
+    ``cycles``. ``criterion``: "camp-hive" (``criterion_options`` go to it: score,
+    curvature, ...), "magnitude" (L1), "random", "taylor", "obd", "hutchinson",
+    "tp-magnitude", "tp-taylor", "tp-hessian". ``merge``: "least_squares", "pair" (with
+    ``pairing`` "coupled"|"cyclic" and ``beta_from`` "activations"|"weights") or "none"
+    (the default for baselines). ``round_to`` rounds kept channel counts to multiples;
+    every group keeps at least ``min_channels`` (a count, or a fraction if < 1).
+    ``example_inputs`` (default: one calibration sample) are used for tracing and MACs.
+    The result's ``masks`` is empty (nothing is masked: channels are gone); ``sparsity`` is
+    the fraction of prunable channels removed; ``extra`` holds MACs and parameter ratios,
+    channel counts per group and latency (``None`` when ``measure_latency=False``).
+    """
+    started = time.perf_counter()
+    check_targets(sparsity, target_macs_ratio)
+    if int(cycles) < 1:
+        raise ConfigError(f"cycles must be >= 1, got {cycles}")
+    if round_to is not None and int(round_to) < 1:
+        raise ConfigError(f"round_to must be a positive channel count such as 8, got {round_to}")
+    if not min_channels > 0:
+        raise ConfigError(f"min_channels must be > 0 (a count, or a fraction below 1), got {min_channels}")
+    is_camp_hive = canonical_criterion(criterion) == "camp-hive"
+    channel_score = channel_score or (DEFAULTS["channel_score"] if is_camp_hive else "summed")
+    scorer = ChannelScorer(criterion, seed=seed, channel_score=channel_score, **(criterion_options or {}))
+    merge = merge or (DEFAULTS["merge"] if scorer.name == "camp-hive" else "none")
+    pairing, beta_from = pairing or DEFAULTS["pairing"], beta_from or DEFAULTS["beta_from"]
+    flatten_fit = flatten_fit or DEFAULTS["flatten_fit"]
+    for option, value, choices in (("merge", merge, STRUCTURED_MERGES), ("pairing", pairing, STRUCTURED_PAIRINGS),
+                                   ("beta_from", beta_from, BETA_SOURCES), ("flatten_fit", flatten_fit, FLATTEN_FITS)):
+        if value not in choices:
+            raise ConfigError(f"unknown {option} {value!r} for structured pruning; use one of {', '.join(choices)}")
+    batches = take_batches(calib_data, num_batches)
+    example = as_input_tuple(example_inputs if example_inputs is not None else batches[0][0][:1])
+    ignored = resolve_ignored(model, ignored_layers)
+    original_model = copy.deepcopy(model) if measure_latency else None
+    out_channels_before = _out_channels(model)
+    one_sample = tuple(x[:1] for x in example)
+    macs_now = count_macs(model, one_sample)
+    before = _summary(model, macs_now)
+
+    history, original_sizes, eigenvalues, num_hvps, curvature_seconds = [], {}, {}, 0, 0.0
+    kept: dict[str, int] = {}
+    reached = True
+    for cycle in range(int(cycles)):
+        cycle_start = time.perf_counter()
+        graph = build_dependency_graph(model, example)
+        groups = channel_groups(model, graph, ignored)
+        if not groups and cycle == 0:
+            raise ConfigError("the model has no prunable channel groups (every conv/linear output is ignored or is "
+                              "the model's output); nothing to prune")
+        if cycle == 0:
+            original_sizes = {group.key: group.size for group in groups}
+        macs_model = MacsModel(model, groups, macs_now)
+        info = CalibrationInfo(model, batches, prunable_parameters(model), loss_fn=loss_fn, cycle=cycle,
+                               settings={"damping": damping, "seed": seed})
+        grams = consumer_grams(model, batches, groups, flatten_fit) if _needs_activations(scorer, merge, pairing,
+                                                                                          beta_from) else {}
+        scores = scorer.scores(model, groups, info, batches, loss_fn, grams=grams, damping=damping)
+        fraction_done = (cycle + 1) / int(cycles)
+        if target_macs_ratio is not None:
+            target_macs = before["macs"] * (1.0 - (1.0 - 1.0 / target_macs_ratio) * fraction_done)
+            if global_pruning:
+                kept = global_kept_for_macs(groups, original_sizes, scores, macs_model, target_macs, round_to, min_channels)
+            else:
+                kept, _ = uniform_kept_for_macs(groups, original_sizes, macs_model, target_macs, round_to, min_channels)
+            reached = macs_model.predict(kept) <= target_macs * (1 + 1e-9)
+        elif global_pruning:
+            total = sum(original_sizes.values())
+            removed_so_far = total - sum(group.size for group in groups)
+            goal = int(round(sparsity * fraction_done * total))
+            kept = global_kept(groups, original_sizes, scores, max(0, goal - removed_so_far), round_to, min_channels)
+        else:
+            kept = uniform_kept(groups, original_sizes, sparsity * fraction_done, round_to, min_channels)
+        removals = {group.key: lowest_channels(score, group.size - kept[group.key]) for group, score in zip(groups, scores)}
+        merged = _merge(model, groups, removals, scores, grams, merge, pairing, beta_from, flatten_fit, damping)
+        for group in groups:
+            remove_channels(graph, group, removals[group.key])
+        _check_finite(model, f"cycle {cycle + 1}")
+        macs_now = count_macs(model, one_sample)
+        report = info.report()
+        num_hvps += report["num_hvps"]
+        curvature_seconds += sum(report["seconds"].values())
+        eigenvalues = report["eigenvalues"] or eigenvalues
+        history.append({"cycle": cycle + 1, "channels_removed": int(sum(r.numel() for r in removals.values())),
+                        "macs_predicted": float(macs_model.predict(kept)),
+                        "macs": int(macs_now.total),
+                        "folded_consumers": merged["folded"], "unfolded_consumers": merged["unfolded"],
+                        "seconds": time.perf_counter() - cycle_start, **report})
+
+    after = _summary(model, macs_now)
+    total_channels = sum(original_sizes.values())
+    final_sizes = {key: kept.get(key, size) for key, size in original_sizes.items()}
+    extra = {
+        "macs_before": before["macs"], "macs_after": after["macs"], "macs_ratio": before["macs"] / max(after["macs"], 1),
+        "macs_conv_linear_ratio": before["macs_conv_linear"] / max(after["macs_conv_linear"], 1),
+        "params_before": before["parameters"], "params_after": after["parameters"],
+        "params_ratio": before["parameters"] / max(after["parameters"], 1),
+        "target_macs_ratio": target_macs_ratio, "target_reached": bool(reached),
+        "channels": {key: [size, final_sizes[key]] for key, size in original_sizes.items()},
+        "latency": _latency(original_model, model, example, latency_batch_sizes, latency_threads, latency_seconds)
+        if measure_latency else None,
+    }
+    config = {"mode": "structured", **scorer.describe(), "sparsity": sparsity, "target_macs_ratio": target_macs_ratio,
+              "cycles": int(cycles), "merge": merge, "pairing": pairing, "beta_from": beta_from,
+              "flatten_fit": flatten_fit, "damping": damping, "global_pruning": global_pruning, "round_to": round_to,
+              "min_channels": min_channels, "ignored_layers": [str(x) if not isinstance(x, nn.Module) else type(x).__name__
+                                                              for x in (ignored_layers or [])],
+              "num_batches": len(batches), "num_samples": sum(int(x.shape[0]) for x, _ in batches), "seed": seed}
+    return PruneResult(mode="structured", masks={},
+                       sparsity=1.0 - sum(final_sizes.values()) / total_channels if total_channels else 0.0,
+                       layer_sparsity=_layer_sparsity(out_channels_before, _out_channels(model)), before=before,
+                       after=after, eigenvalues=eigenvalues, num_hvps=num_hvps, curvature_seconds=curvature_seconds,
+                       seconds=time.perf_counter() - started, cycles=history, config=config, extra=extra)
+
+
+def _needs_activations(scorer: ChannelScorer, merge: str, pairing: str, beta_from: str) -> bool:
+    merge_reads = merge == "least_squares" or merge == "pair" and (pairing == "coupled" or beta_from == "activations")
+    return scorer.needs_activations or merge_reads
+
+
+def _merge(model, groups, removals, scores, grams, merge, pairing, beta_from, flatten_fit, damping) -> dict:
+    """Fold every group's removed channels into its kept ones; returns which consumers were folded."""
+    result = {"folded": 0, "unfolded": []}
+    active = [group for group in groups if removals[group.key].numel()]
+    if merge == "none" or not active:
+        return result
+    if not grams:  # coefficients from weights only: zero Grams just name the foldable consumers
+        grams = consumer_grams(model, [], active, flatten_fit)
+    scales = norm_scales(model) if merge == "pair" and beta_from == "weights" else {}
+    by_key = {group.key: score for group, score in zip(groups, scores)}
+    for group in active:
+        report = merge_group(group, removals[group.key], by_key[group.key], grams, merge, pairing, beta_from, damping,
+                             scales)
+        result["folded"] += len(report["consumers"])
+        result["unfolded"] += report["unfolded"]
+    return result
+
+
+def _out_channels(model: nn.Module) -> dict[str, int]:
+    counts = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            counts[name] = module.out_features
+        elif isinstance(module, nn.modules.conv._ConvNd):
+            counts[name] = module.out_channels
+    return counts
+
+
+def _layer_sparsity(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:
+    return {name: 1.0 - after.get(name, count) / count for name, count in before.items() if count}
+
+
+def _summary(model: nn.Module, macs: MacsReport) -> dict:
+    """Parameters and per-sample MACs (total, and conv + linear as published counts are)."""
+    return {"parameters": count_parameters(model), "macs": int(macs.total),
+            "macs_conv_linear": int(macs.by_kind["conv"] + macs.by_kind["linear"]), "macs_by_kind": dict(macs.by_kind)}
+
+
+def _latency(original: nn.Module, pruned: nn.Module, example, batch_sizes, threads, seconds) -> dict:
+    """Interleaved CPU medians of the model before and after, at each batch size."""
+    before = original.cpu()
+    after = pruned if all(p.device.type == "cpu" for p in pruned.parameters()) else copy.deepcopy(pruned).cpu()
+    report = time_models({"before": before, "after": after}, tuple(example[0].shape[1:]), batch_sizes=batch_sizes,
+                         threads=threads, target_seconds=seconds)
+    result = {"threads": report.threads}
+    for batch_size in batch_sizes:
+        old, new = report.get("before", int(batch_size)), report.get("after", int(batch_size))
+        result[f"batch_{int(batch_size)}"] = {"before_ms": old.median_ms, "after_ms": new.median_ms,
+                                              "speedup": new.speedup, "before_iqr_ms": old.iqr_ms,
+                                              "after_iqr_ms": new.iqr_ms, "repeats": new.repeats}
+    return result
+
+
+def _check_finite(model: nn.Module, where: str) -> None:
+    for name, parameter in model.named_parameters():
+        if not torch.isfinite(parameter).all():
+            raise NumericalError(f"parameter {name} holds NaN or inf after {where}; check the model (or raise damping)")

@@ -1,0 +1,154 @@
+"""Structured pruning end to end: every model, targets, measurements, export and checkpoints."""
+import pytest
+import torch
+from torch import nn
+
+from camphive import models
+from camphive.checkpoints import load_checkpoint, save_checkpoint
+from camphive.errors import ConfigError
+from camphive.export import export_onnx
+from camphive.measure import count_macs, count_parameters
+from camphive.pruning import prune
+from camphive.pruning.channel_scores import STRUCTURED_CRITERIA
+from camphive.pruning.structured import prune_structured
+
+MODELS = [("resnet20", 32), ("resnet56", 32), ("resnet110", 32), ("resnet18", 32), ("resnet18-imagenet", 64),
+          ("mobilenetv2", 32), ("mobilenetv2-imagenet", 64)]
+
+
+def batches(size: int = 32, channels: int = 3, count: int = 1, samples: int = 4, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(samples, channels, size, size, generator=generator),
+             torch.randint(0, 10, (samples,), generator=generator)) for _ in range(count)]
+
+
+@pytest.mark.parametrize("name,size", MODELS)
+def test_every_model_prunes_and_keeps_its_output_shape(name, size):
+    example = torch.randn(2, 3, size, size)
+    for sparsity in (0.3, 0.5, 0.7):
+        torch.manual_seed(0)
+        model = models.create(name, num_classes=10).eval()
+        dense_parameters = count_parameters(model)
+        result = prune_structured(model, batches(size), sparsity, criterion="magnitude", merge="least_squares",
+                                  example_inputs=example[:1], measure_latency=False)
+        output = model(example)
+        assert output.shape == (2, 10) and torch.isfinite(output).all()
+        assert result.sparsity == pytest.approx(sparsity, abs=0.02)
+        assert count_parameters(model) < dense_parameters * (1 - sparsity) ** 2 * 1.6
+        assert result.extra["macs_ratio"] > 1 / (1 - sparsity) ** 2 * 0.75
+
+
+def test_camp_hive_defaults_on_a_residual_net():
+    model = models.create("resnet20").eval()
+    data = batches(count=2, samples=8)
+    reference = model(data[0][0])
+    result = prune_structured(model, data, target_macs_ratio=1.5, measure_latency=False)
+    assert result.config["criterion"] == "camp-hive" and result.config["merge"] == "least_squares"
+    assert result.cycles[0]["folded_consumers"] > 0 and not result.cycles[0]["unfolded_consumers"]
+    assert model(data[0][0]).shape == reference.shape
+
+
+def test_reported_macs_are_those_of_the_pruned_model():
+    model = models.create("resnet20")
+    example = torch.randn(1, 3, 32, 32)
+    result = prune_structured(model, batches(), 0.4, criterion="magnitude", example_inputs=example, measure_latency=False)
+    assert result.after["macs"] == count_macs(model, example).total
+    assert result.after["parameters"] == count_parameters(model)
+    assert result.before["macs"] == count_macs(models.create("resnet20"), example).total
+    assert result.extra["macs_ratio"] == pytest.approx(result.before["macs"] / result.after["macs"])
+
+
+@pytest.mark.parametrize("options", [{}, {"global_pruning": True}, {"round_to": 8}, {"cycles": 2}])
+def test_target_macs_ratio_is_reached(options):
+    model = models.create("resnet20")
+    result = prune_structured(model, batches(), target_macs_ratio=2.0, criterion="magnitude", measure_latency=False,
+                              **options)
+    assert result.extra["target_reached"]
+    if "round_to" in options:  # 16-channel groups can only keep 8 or 16: a coarser step
+        assert 2.0 <= result.extra["macs_ratio"] <= 2.0 * 1.15
+        assert all(kept % 8 == 0 for _, kept in result.extra["channels"].values())
+    else:
+        assert 2.0 <= result.extra["macs_ratio"] <= 2.0 * 1.05
+    if "cycles" in options:
+        assert len(result.cycles) == 2 and result.cycles[0]["macs"] > result.cycles[1]["macs"]
+
+
+def test_global_pruning_prunes_groups_unevenly():
+    model = models.create("small-cnn", in_channels=1)
+    with torch.no_grad():
+        model.conv2.weight *= 10  # conv2's channels now score far above the others
+    result = prune_structured(model, batches(28, channels=1), 0.5, criterion="magnitude", global_pruning=True,
+                              measure_latency=False)
+    assert result.sparsity == pytest.approx(0.5, abs=0.01)
+    assert model.conv2.out_channels == 64 and model.conv3.out_channels < 64
+
+
+@pytest.mark.parametrize("criterion", STRUCTURED_CRITERIA)
+def test_every_criterion_runs_through_the_same_entry(criterion):
+    model = models.create("small-cnn", in_channels=1)
+    result = prune(model, batches(28, channels=1, samples=8), 0.5, mode="structured", criterion=criterion,
+                   example_inputs=torch.randn(1, 1, 28, 28), measure_latency=False)
+    assert result.mode == "structured" and result.config["criterion"] == criterion
+    assert model.conv2.out_channels == 32 and model.fc2.out_features == 10
+    assert result.config["merge"] == ("least_squares" if criterion == "camp-hive" else "none")
+
+
+def test_latency_is_measured_before_and_after():
+    model = models.create("small-cnn", in_channels=1)
+    result = prune_structured(model, batches(28, channels=1), 0.5, criterion="magnitude", latency_seconds=0.02,
+                              latency_batch_sizes=(1, 8))
+    latency = result.extra["latency"]
+    for key in ("batch_1", "batch_8"):
+        assert latency[key]["before_ms"] > 0 and latency[key]["after_ms"] > 0
+        assert latency[key]["speedup"] == pytest.approx(latency[key]["before_ms"] / latency[key]["after_ms"])
+
+
+def test_pruned_model_exports_to_onnx(tmp_path):
+    model = models.create("mobilenetv2").eval()
+    example = torch.randn(1, 3, 32, 32)
+    prune_structured(model, batches(), 0.5, criterion="magnitude", merge="least_squares", measure_latency=False)
+    exported = export_onnx(model, tmp_path / "pruned.onnx", example)
+    assert exported.max_abs_diff <= 1e-4 and (tmp_path / "pruned.onnx").exists()
+
+
+def test_pruned_checkpoint_reloads(tmp_path):
+    model = models.create("resnet20").eval()
+    prune_structured(model, batches(), target_macs_ratio=2.0, criterion="magnitude", measure_latency=False)
+    path = save_checkpoint(tmp_path / "pruned.safetensors", model)
+    loaded = load_checkpoint(path).model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert loaded.layer1[0].conv1.out_channels == model.layer1[0].conv1.out_channels < 16
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_a_user_model_with_concatenation_prunes():
+    class TwoBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.left, self.right = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 6, 1)
+            self.mix = nn.Conv2d(14, 10, 3, padding=1)
+            self.head = nn.Linear(10, 4)
+
+        def forward(self, x):
+            y = torch.cat([torch.relu(self.left(x)), torch.relu(self.right(x))], 1)
+            return self.head(torch.relu(self.mix(y)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = TwoBranch().eval()
+    data = [(torch.randn(8, 3, 12, 12), torch.randint(0, 4, (8,)))]
+    prune_structured(model, data, 0.5, measure_latency=False)
+    assert (model.left.out_channels, model.right.out_channels, model.mix.in_channels) == (4, 3, 7)
+    assert model(data[0][0]).shape == (8, 4)
+
+
+def test_bad_targets_and_options_are_one_line_errors():
+    model = models.create("small-cnn", in_channels=1)
+    data = batches(28, channels=1)
+    for kwargs, match in [({}, "exactly one"), ({"sparsity": 0.5, "target_macs_ratio": 2.0}, "exactly one"),
+                          ({"sparsity": 1.0}, "fraction"), ({"target_macs_ratio": 0.5}, ">= 1"),
+                          ({"sparsity": 0.5, "criterion": "nope"}, "unknown criterion"),
+                          ({"sparsity": 0.5, "merge": "half"}, "unknown merge"),
+                          ({"sparsity": 0.5, "criterion": "magnitude", "channel_score": "obs"}, "camp-hive")]:
+        with pytest.raises(ConfigError, match=match) as error:
+            prune_structured(model, data, measure_latency=False, **kwargs)
+        assert "\n" not in str(error.value)
