@@ -98,7 +98,7 @@ def make_scheduler(optimizer, schedule: str, total_steps: int, milestones=None, 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _check_targets(targets: torch.Tensor, num_outputs: int, where: str) -> None:
+def check_targets(targets: torch.Tensor, num_outputs: int, where: str) -> None:
     if targets.dtype.is_floating_point:
         return  # soft targets or regression: the loss function decides
     low, high = int(targets.min()), int(targets.max())
@@ -206,7 +206,7 @@ def train(
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 outputs = forward_checked(model, inputs, f"epoch {epoch + 1} batch {step}") if step == 0 else model(inputs)
                 if step == 0:
-                    _check_targets(targets, outputs.shape[-1], "the training data")
+                    check_targets(targets, outputs.shape[-1], "the training data")
                 loss = loss_fn(outputs.float(), targets)
             if not torch.isfinite(loss):
                 raise NumericalError(
@@ -279,7 +279,7 @@ def evaluate(model: nn.Module, data, *, loss_fn: LossFn | None = None, device="a
             inputs, targets = inputs.to(device), targets.to(device)
             outputs = forward_checked(model, inputs, f"batch {step}") if step == 0 else model(inputs)
             num_outputs = outputs.shape[-1]
-            _check_targets(targets, num_outputs, "the evaluation data")
+            check_targets(targets, num_outputs, "the evaluation data")
             total_loss += loss_fn(outputs.float(), targets).item() * inputs.shape[0]
             if not targets.dtype.is_floating_point:
                 correct += int((outputs.argmax(1) == targets).sum())

@@ -1,16 +1,25 @@
-"""``camphive prune``: prune a checkpoint, optionally fine-tune, and write the pruned checkpoint."""
+"""``camphive prune``: prune a checkpoint, optionally fine-tune, and write the pruned checkpoint.
+
+Resumable: every completed pruning cycle is saved (``cycle.safetensors``, with masks), then
+the pruned model (``pruned.safetensors``), then each fine-tuning epoch (``model.safetensors``
+plus ``finetune_state.pt``). ``resume=True`` continues from the last of these and ends with
+the same result as an uninterrupted run with the same seed.
+"""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 from camphive import data as datasets
-from camphive.checkpoints import load_checkpoint, save_checkpoint
+from camphive.checkpoints import load_checkpoint, load_training_state, save_checkpoint, save_training_state
 from camphive.errors import ConfigError
 from camphive.jobs.common import calibration_batches, machine_description, seed_everything
 from camphive.pruning import prune
 from camphive.runs import RunFolder, timestamp
-from camphive.training import evaluate, finetune
+from camphive.training import TrainState, evaluate, finetune
+
+CYCLE_FILE, PRUNED_FILE, STATE_FILE, PROGRESS_FILE = "cycle.safetensors", "pruned.safetensors", "finetune_state.pt", "progress.json"
 
 
 def prune_job(
@@ -32,6 +41,7 @@ def prune_job(
     device: str = "auto",
     seed: int = 0,
     overwrite: bool = False,
+    resume: bool = False,
     options: dict | None = None,
 ) -> dict:
     """Prune the model stored at ``checkpoint``; write ``model.safetensors`` (with masks) and ``results.json``.
@@ -49,37 +59,96 @@ def prune_job(
     if mode == "structured" and sparsity is None and target_macs_ratio is None:
         raise ConfigError("pass --sparsity (fraction of channels) or --target-macs-ratio (e.g. 2.0) for structured pruning")
     seed_everything(seed)
-    model = stored.model
     calib = calibration_batches(dataset, data_root, calib_samples, calib_batch_size, seed)
     test = datasets.loader(datasets.load(dataset, root=data_root, split="test"), batch_size=512)
-    run = RunFolder.create(out, overwrite=overwrite)
+    run = RunFolder.create(out, overwrite=overwrite, resume=resume)
     log = run.logger()
-    run.write_config({"command": "prune", **settings, "dataset": dataset, "started": timestamp(),
-                      "machine": machine_description()})
-    dense = evaluate(model, test, device=device)
-    log.info("dense accuracy %.4f", dense["accuracy"])
-    extra = dict(options or {})
-    if target_macs_ratio is not None:
-        extra["target_macs_ratio"] = target_macs_ratio
-    result = prune(model, calib, sparsity, mode=mode, criterion=criterion, masks=stored.masks or None,
-                   seed=seed, **extra)
-    pruned = evaluate(model, test, device=device)
-    log.info("pruned (%s, sparsity %.4f): accuracy %.4f", criterion, result.sparsity, pruned["accuracy"])
+    if not resume or not run.file("config.yaml").is_file():
+        run.write_config({"command": "prune", **settings, "dataset": dataset, "started": timestamp(),
+                          "machine": machine_description()})
     metadata = {key: value for key, value in stored.metadata.items() if key not in ("format", "arch")}
-    masks = result.masks if mode == "unstructured" else {}
-    save_checkpoint(run.file("model.safetensors"), model, masks, **metadata, pruning=result.config)
+    progress = run.read_json(PROGRESS_FILE) if resume and run.file(PROGRESS_FILE).is_file() else {}
+    model = stored.model
+    if "dense" not in progress:
+        progress["dense"] = evaluate(model, test, device=device)
+        run.write_json(PROGRESS_FILE, progress)
+    log.info("dense accuracy %.4f", progress["dense"]["accuracy"])
+
+    if resume and run.file(PRUNED_FILE).is_file():
+        saved = load_checkpoint(run.file(PRUNED_FILE))
+        model, masks = saved.model, saved.masks
+        log.info("resuming after pruning")
+    else:
+        model, masks = _prune(model, stored.masks, calib, run, log, progress, metadata, resume, sparsity=sparsity,
+                              mode=mode, criterion=criterion, target_macs_ratio=target_macs_ratio, seed=seed,
+                              options=options or {})
+        progress["pruned"] = evaluate(model, test, device=device)
+        run.write_json(PROGRESS_FILE, progress)
+        save_checkpoint(run.file(PRUNED_FILE), model, masks, **metadata, pruning=progress["prune"]["config"])
+        save_checkpoint(run.file("model.safetensors"), model, masks, **metadata, pruning=progress["prune"]["config"])
+        log.info("pruned (%s, sparsity %.4f): accuracy %.4f", criterion, progress["prune"]["sparsity"],
+                 progress["pruned"]["accuracy"])
+
     finetuned = None
     if finetune_epochs:
-        train_set = datasets.load(dataset, root=data_root, split="train")
-        loader = datasets.loader(train_set, batch_size=batch_size, train=True, seed=seed, subset=train_subset,
-                                 random_subset=train_subset is not None)
-        finetune(model, loader, finetune_epochs, masks=masks or None, lr=finetune_lr, device=device, seed=seed)
-        finetuned = evaluate(model, test, device=device)
-        log.info("fine-tuned %d epochs: accuracy %.4f", finetune_epochs, finetuned["accuracy"])
-        save_checkpoint(run.file("model.safetensors"), model, masks, **metadata, pruning=result.config,
-                        finetune_epochs=finetune_epochs)
-    results = {"dense": dense, "pruned": pruned, "finetuned": finetuned, "prune": result.to_dict(),
-               "checkpoint": str(run.file("model.safetensors")), "seconds": time.perf_counter() - started}
+        finetuned = _finetune(model, masks, dataset, data_root, test, run, log, metadata, progress, resume,
+                              epochs=finetune_epochs, lr=finetune_lr, batch_size=batch_size,
+                              train_subset=train_subset, device=device, seed=seed)
+    results = {"dense": progress["dense"], "pruned": progress["pruned"], "finetuned": finetuned,
+               "prune": progress["prune"], "checkpoint": str(run.file("model.safetensors")),
+               "seconds": time.perf_counter() - started}
     run.write_json("results.json", results)
     run.close()
     return results
+
+
+def _prune(model, masks, calib, run, log, progress, metadata, resume, *, sparsity, mode, criterion,
+           target_macs_ratio, seed, options):
+    """Run the pruning cycles, saving each completed cycle; resume from the last one saved."""
+    extra = dict(options)
+    if target_macs_ratio is not None:
+        extra["target_macs_ratio"] = target_macs_ratio
+    if mode == "unstructured":
+        if resume and run.file(CYCLE_FILE).is_file():
+            saved = load_checkpoint(run.file(CYCLE_FILE))
+            model, masks = saved.model, saved.masks
+            extra["start_cycle"] = saved.metadata["cycle"]
+            log.info("resuming after pruning cycle %d", saved.metadata["cycle"])
+
+        def on_cycle_end(cycle, cycle_masks, record):
+            save_checkpoint(run.file(CYCLE_FILE), model, cycle_masks, **metadata, cycle=cycle)
+            log.info("cycle %d done: sparsity %.4f", cycle, record["sparsity"])
+
+        extra["on_cycle_end"] = on_cycle_end
+    result = prune(model, calib, sparsity, mode=mode, criterion=criterion, masks=masks or None, seed=seed, **extra)
+    progress["prune"] = json.loads(json.dumps(result.to_dict(), default=str))
+    return model, (result.masks if mode == "unstructured" else {})
+
+
+def _finetune(model, masks, dataset, data_root, test, run, log, metadata, progress, resume, *, epochs, lr,
+              batch_size, train_subset, device, seed):
+    """Masked fine-tuning with a resumable state file after every epoch."""
+    state = None
+    if resume and run.file(STATE_FILE).is_file():
+        saved = load_training_state(run.file(STATE_FILE))
+        model.load_state_dict(saved["model"])
+        state = TrainState(epoch=saved["epoch"], optimizer=saved["optimizer"], scheduler=saved["scheduler"],
+                           history=json.loads(saved["history"]))
+        log.info("resuming fine-tuning at epoch %d", state.epoch)
+    train_set = datasets.load(dataset, root=data_root, split="train")
+    loader = datasets.loader(train_set, batch_size=batch_size, train=True, seed=seed, subset=train_subset,
+                             random_subset=train_subset is not None)
+
+    def on_epoch_end(record, train_state):
+        save_training_state(run.file(STATE_FILE), {
+            "model": model.state_dict(), "epoch": train_state.epoch, "optimizer": train_state.optimizer,
+            "scheduler": train_state.scheduler, "history": json.dumps(train_state.history)})
+        save_checkpoint(run.file("model.safetensors"), model, masks, **metadata, pruning=progress["prune"]["config"],
+                        finetune_epochs=record.epoch)
+        log.info("fine-tune epoch %d: loss %.4f", record.epoch, record.train_loss)
+
+    finetune(model, loader, epochs, masks=masks or None, lr=lr, device=device, seed=seed, state=state,
+             on_epoch_end=on_epoch_end)
+    finetuned = evaluate(model, test, device=device)
+    log.info("fine-tuned %d epochs: accuracy %.4f", epochs, finetuned["accuracy"])
+    return finetuned

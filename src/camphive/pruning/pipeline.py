@@ -97,6 +97,8 @@ def prune(
     masks: Mapping[str, torch.Tensor] | None = None,
     example_inputs: torch.Tensor | None = None,
     seed: int = 0,
+    start_cycle: int = 0,
+    on_cycle_end=None,
     **structured_options,
 ) -> PruneResult:
     """Prune ``model`` in place and return a :class:`PruneResult`.
@@ -116,11 +118,17 @@ def prune(
     the target. Every layer keeps at least ``min_keep`` (a fraction, or a count if >= 1).
 
     ``mode="structured"`` removes whole channels (see :mod:`camphive.pruning.structured`).
+
+    Interruptions: ``on_cycle_end(cycle, masks, record)`` is called after every completed
+    cycle (cycle counted from 1); a run stopped after cycle k continues exactly with
+    ``masks=<those masks>, start_cycle=k`` on the model saved at that point.
     """
+    batches = take_batches(calib_data, num_batches)
+    check_model_runs(model, batches)
     if mode == "structured":
         from camphive.pruning.structured import prune_structured
 
-        return prune_structured(model, calib_data, sparsity, criterion=criterion, loss_fn=loss_fn, seed=seed,
+        return prune_structured(model, batches, sparsity, criterion=criterion, loss_fn=loss_fn, seed=seed,
                                 num_batches=num_batches, ignored_layers=ignored_layers, example_inputs=example_inputs,
                                 cycles=cycles or 1, merge=merge, pairing=pairing, damping=damping,
                                 **structured_options)
@@ -148,7 +156,8 @@ def prune(
     params = prunable_parameters(model, ignored_layers)
     if not params:
         raise ConfigError("the model has no prunable layers (conv or linear weights outside ignored_layers); nothing to prune")
-    batches = take_batches(calib_data, num_batches)
+    if not 0 <= start_cycle <= cycles:
+        raise ConfigError(f"start_cycle {start_cycle} is outside the {cycles} cycles of this run")
     if masks:
         check_masks(model, masks)
     alive = {name: (masks[name].clone().bool() if masks and name in masks else torch.ones_like(p, dtype=torch.bool))
@@ -160,6 +169,8 @@ def prune(
                 "hutchinson_probes": hutchinson_probes, "loss_diagonal": loss_diagonal, "seed": seed}
     history, eigenvalues, num_hvps, curvature_seconds = [], {}, 0, 0.0
     for cycle, target in enumerate(cycle_targets(sparsity, cycles, schedule)):
+        if cycle < start_cycle:
+            continue
         cycle_start = time.perf_counter()
         info = CalibrationInfo(model, batches, params, loss_fn=loss_fn, cycle=cycle, settings=settings)
         scores = scorer.scores(info)
@@ -184,6 +195,8 @@ def prune(
         eigenvalues = report["eigenvalues"] or eigenvalues
         history.append({"cycle": cycle + 1, "target": target, "sparsity": sparsity_of(alive)[0],
                         "seconds": time.perf_counter() - cycle_start, **report})
+        if on_cycle_end is not None:
+            on_cycle_end(cycle + 1, {name: mask.clone() for name, mask in alive.items()}, history[-1])
     global_sparsity, layer_sparsity = sparsity_of(alive)
     config = {"mode": mode, "criterion": criterion, **scorer.describe(), "sparsity": sparsity, "scope": scope,
               "selection": selection, "cycles": cycles, "schedule": schedule, "top_k": top_k, "pairing": pairing,
@@ -245,6 +258,24 @@ def recalibrate_batchnorm(model: nn.Module, batches) -> None:
             module.training = flag
         for norm, momentum in momenta:
             norm.momentum = momentum
+
+
+@torch.no_grad()
+def check_model_runs(model: nn.Module, batches) -> None:
+    """Run the first calibration batch once, so that a wrong input shape or label range
+    fails here with one clear line instead of deep inside the curvature code."""
+    from camphive.training import check_targets, forward_checked
+
+    inputs, targets = batches[0]
+    device = next(model.parameters(), torch.empty(0)).device
+    was_training = model.training
+    model.eval()
+    try:
+        outputs = forward_checked(model, inputs[:2].to(device), "the calibration data")
+    finally:
+        model.train(was_training)
+    if outputs.ndim == 2 and not targets.dtype.is_floating_point:
+        check_targets(targets, outputs.shape[-1], "the calibration data")
 
 
 def _summary(model, example) -> dict:

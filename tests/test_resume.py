@@ -1,0 +1,100 @@
+"""Interruptions never lose work: a stopped run resumes to the same result as an uninterrupted one."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from camphive.jobs import prune as prune_module
+from camphive.jobs.prune import prune_job
+from camphive.jobs.train import train_job
+
+
+def _tensors(path):
+    return load_file(str(path))
+
+
+def _assert_same(first, second):
+    a, b = _tensors(first), _tensors(second)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def _cli(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return [sys.executable, "-m", "camphive", *map(str, args)], env
+
+
+def test_ctrl_c_during_training_then_resume_matches_an_uninterrupted_run(tmp_path):
+    args = ["train", "--dataset", "synthetic", "--epochs", "6", "--batch-size", "32"]
+    command, env = _cli(*args, "--out", tmp_path / "full")
+    assert subprocess.run(command, env=env, capture_output=True, timeout=300).returncode == 0
+
+    command, env = _cli(*args, "--out", tmp_path / "cut")
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not log.is_file() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    if process.returncode == 0:
+        pytest.skip("training finished before the interrupt landed")
+    assert process.returncode == 130 and "Traceback" not in stderr and "interrupted" in stderr
+    lines = log.read_text().splitlines()
+    assert 1 <= len(lines) < 6
+    from camphive.checkpoints import load_checkpoint
+
+    load_checkpoint(tmp_path / "cut" / "model.safetensors")  # the last complete checkpoint loads
+
+    command, env = _cli(*args, "--out", tmp_path / "cut", "--resume")
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same(tmp_path / "full" / "model.safetensors", tmp_path / "cut" / "model.safetensors")
+
+
+@pytest.fixture
+def dense_checkpoint(tmp_path):
+    train_job(dataset="synthetic", epochs=1, batch_size=64, out=tmp_path / "dense", device="cpu")
+    return tmp_path / "dense" / "model.safetensors"
+
+
+def _interrupt_after(monkeypatch, file_name, calls):
+    """Make the job stop like Ctrl-C right after it saved ``file_name`` ``calls`` times."""
+    original = prune_module.save_checkpoint
+    seen = {"count": 0}
+
+    def saving_then_stopping(path, *args, **kwargs):
+        written = original(path, *args, **kwargs)
+        if os.path.basename(path) == file_name:
+            seen["count"] += 1
+            if seen["count"] == calls:
+                raise KeyboardInterrupt
+        return written
+
+    monkeypatch.setattr(prune_module, "save_checkpoint", saving_then_stopping)
+
+
+@pytest.mark.parametrize("stop_at", [("cycle.safetensors", 1), ("cycle.safetensors", 3), ("model.safetensors", 2)])
+def test_prune_and_finetune_resume_to_the_same_result(tmp_path, dense_checkpoint, monkeypatch, stop_at):
+    settings = dict(checkpoint=dense_checkpoint, sparsity=0.8, calib_samples=64, finetune_epochs=2,
+                    train_subset=128, device="cpu", options={"cycles": 3})
+    full = prune_job(out=tmp_path / "full", **settings)
+    _interrupt_after(monkeypatch, *stop_at)
+    with pytest.raises(KeyboardInterrupt):
+        prune_job(out=tmp_path / "cut", **settings)
+    monkeypatch.undo()
+    resumed = prune_job(out=tmp_path / "cut", resume=True, **settings)
+    _assert_same(tmp_path / "full" / "model.safetensors", tmp_path / "cut" / "model.safetensors")
+    assert resumed["finetuned"] == full["finetuned"] and resumed["pruned"] == full["pruned"]
+
+
+def test_resume_without_anything_to_resume_in_a_new_folder_just_runs(tmp_path, dense_checkpoint):
+    result = prune_job(checkpoint=dense_checkpoint, out=tmp_path / "new", sparsity=0.5, calib_samples=32,
+                       device="cpu", resume=True)
+    assert abs(result["prune"]["sparsity"] - 0.5) < 0.01
