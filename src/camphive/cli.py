@@ -249,6 +249,62 @@ def export_command(
                                                       "bytes": result["file_size_bytes"]})
 
 
+@app.command("compare")
+def compare_command(
+    ctx: typer.Context,
+    model: str = typer.Option("small-cnn", help="Architecture to train when no --checkpoint is given."),
+    dataset: Optional[str] = typer.Option("fashion-mnist", help="fashion-mnist, cifar10, cifar100, imagenet or synthetic."),
+    data_root: Optional[str] = typer.Option(None),
+    dataset_options: Optional[str] = typer.Option(None, help="key=value,... e.g. num_classes=100,shape=3x32x32 (synthetic)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Dense model.safetensors to start from (default: train one)."),
+    out: Path = typer.Option(Path("runs/compare"), help="Run folder to write."),
+    criteria: str = typer.Option("camp-hive,magnitude,taylor,obd,hutchinson,random", help="Comma-separated criteria."),
+    sparsities: str = typer.Option("0.5,0.8,0.9", help="Comma-separated sparsities (weights, or channels if structured)."),
+    mode: str = typer.Option("unstructured", help="unstructured (masks) or structured (channels removed)."),
+    macs_ratios: Optional[str] = typer.Option(None, help="Structured: MACs reductions instead of sparsities, e.g. 1.5,2,3."),
+    cycles: Optional[int] = typer.Option(None, min=1, help="CAMP-HiVe pruning cycles."),
+    prune_options: Optional[str] = typer.Option(None, help="key=value,... for every criterion (see camphive.prune)."),
+    camp_hive_options: Optional[str] = typer.Option(None, help="key=value,... for CAMP-HiVe only (score, merge, ...)."),
+    calib_samples: int = typer.Option(1024, min=1),
+    calib_batch_size: int = typer.Option(128, min=1),
+    dense_epochs: int = typer.Option(10, min=0, help="Dense training epochs (without --checkpoint)."),
+    dense_lr: float = typer.Option(0.1),
+    dense_schedule: str = typer.Option("cosine", help="cosine, step or constant."),
+    dense_warmup_epochs: float = typer.Option(0.0),
+    momentum: float = typer.Option(0.9),
+    nesterov: bool = typer.Option(True),
+    weight_decay: float = typer.Option(5e-4),
+    label_smoothing: float = typer.Option(0.0),
+    finetune_epochs: int = typer.Option(1, min=0),
+    finetune_lr: float = typer.Option(0.01),
+    finetune_schedule: str = typer.Option("cosine"),
+    batch_size: int = typer.Option(128, min=1),
+    train_subset: Optional[int] = typer.Option(None, help="Dense training and fine-tuning on N random samples."),
+    finetune_subset: Optional[int] = typer.Option(None, help="Fine-tuning alone on N random samples."),
+    test_subset: Optional[int] = typer.Option(None),
+    num_workers: int = typer.Option(0, min=0),
+    spectrum_top_k: int = typer.Option(3, min=0, help="Dense Hessian eigenvalues to report (0: skip)."),
+    spectrum_max_iter: int = typer.Option(50, min=1),
+    latency: bool = typer.Option(True, help="Structured: time dense and pruned models (CPU, interleaved)."),
+    latency_batch_sizes: str = typer.Option("1,64"),
+    latency_seconds: float = typer.Option(1.0),
+    device: str = DeviceOption,
+    amp: bool = typer.Option(False, help="bfloat16 autocast on CUDA for training and fine-tuning."),
+    seed: int = typer.Option(0),
+    overwrite: bool = typer.Option(False),
+    resume: bool = typer.Option(False, help="Continue a stopped compare run in --out (same settings)."),
+    tensorboard: bool = typer.Option(False, help="Also write TensorBoard scalars (needs the tensorboard package)."),
+    config: Optional[Path] = ConfigOption,
+):
+    """Every criterion from the same dense model, calibration data, seed and fine-tuning; JSON, CSV, Markdown, HTML."""
+    from camphive.jobs.compare import compare_job
+
+    options = {key: value for key, value in locals().items() if key not in ("ctx", "config", "compare_job")}
+    results = compare_job(**options, config_file=ctx.meta.get("config_file"))
+    print(results["headline"])
+    print(f"report: {Path(out) / 'report.html'} ({results['seconds']:.0f} s)")
+
+
 def _interrupt(_signum, _frame):
     raise Interrupted("interrupted; files already written are complete, and commands with --resume can continue the run")
 
@@ -257,10 +313,22 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one line and a non-zero exit."""
     previous = signal.signal(signal.SIGINT, _interrupt)
     try:
-        app(args=argv, prog_name="camphive")
+        result = app(args=argv, prog_name="camphive", standalone_mode=False)
+        if isinstance(result, int) and not isinstance(result, bool):
+            return result  # --help and friends return their exit code
     except CamphiveError as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return error.exit_code
+    except Exception as error:
+        # Usage errors of the command-line parser (unknown option, value of the wrong type):
+        # one line too, instead of the parser's framed message.
+        if hasattr(error, "format_message") and hasattr(error, "exit_code"):
+            command = getattr(getattr(error, "ctx", None), "command_path", "camphive")
+            message = one_line(error.format_message()).rstrip(".")
+            if message:  # empty when the parser already printed the help
+                print(f"error: {message}; see {command} --help", file=sys.stderr)
+            return int(error.exit_code)
+        raise
     except SystemExit as exit_:
         code = exit_.code
         return code if isinstance(code, int) else (0 if code is None else 1)
