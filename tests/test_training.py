@@ -119,5 +119,5 @@ def test_single_sample_batches_with_batchnorm_are_skipped_in_training():
 
 
 def test_public_api_exports():
-    for name in ("train", "finetune", "evaluate", "models", "data"):
+    for name in ("train", "finetune", "evaluate", "models", "data", "prune", "export_onnx", "curvature"):
         assert hasattr(camphive, name)

@@ -9,14 +9,18 @@ The public API::
     camphive.finetune(model, train_loader, epochs=1, masks=result.masks)
     camphive.evaluate(model, test_loader)
 """
-from camphive import data, models
+from camphive import curvature, data, models
 from camphive.checkpoints import load_checkpoint, save_checkpoint
 from camphive.errors import CamphiveError, CheckpointError, ConfigError, DataError, NumericalError
+from camphive.export import export_onnx
+from camphive.measure import count_macs, count_parameters, measure_latency, model_summary
+from camphive.pruning import PruneResult, prune
 from camphive.training import evaluate, finetune, train
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "data", "models", "train", "finetune", "evaluate", "save_checkpoint", "load_checkpoint",
+    "data", "models", "curvature", "train", "finetune", "evaluate", "prune", "PruneResult", "export_onnx",
+    "count_macs", "count_parameters", "measure_latency", "model_summary", "save_checkpoint", "load_checkpoint",
     "CamphiveError", "ConfigError", "DataError", "CheckpointError", "NumericalError",
 ]
