@@ -112,3 +112,16 @@ def test_bad_input():
         prune(tiny_cnn(), image_batches(), 0.5, criterion="vibes")
     with pytest.raises(ConfigError, match="sparsity must be in"):
         prune(tiny_cnn(), image_batches(), 1.5)
+
+
+def test_report_has_the_top_loss_eigenvalue_before_and_after_pruning():
+    from camphive.curvature import HessianOperator
+
+    model, batches = tiny_cnn(), image_batches()
+    with HessianOperator(model, batches, params=[n for n, p in model.named_parameters() if p.ndim > 1]) as operator:
+        dense = torch.linalg.eigvalsh(operator.to_dense())
+    expected = dense[dense.abs().argmax()].item()
+    result = prune(model, batches, 0.5, spectrum_top_k=1)
+    before = result.to_dict()["sharpness"]["before"][0]
+    assert abs(before - expected) <= 0.01 * abs(expected)
+    assert len(result.to_dict()["sharpness"]["after"]) == 1 and result.num_hvps > 0

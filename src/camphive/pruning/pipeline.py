@@ -97,6 +97,7 @@ def prune(
     masks: Mapping[str, torch.Tensor] | None = None,
     example_inputs: torch.Tensor | None = None,
     seed: int = 0,
+    spectrum_top_k: int = 1,
     start_cycle: int = 0,
     on_cycle_end=None,
     **structured_options,
@@ -118,6 +119,9 @@ def prune(
     the target. Every layer keeps at least ``min_keep`` (a fraction, or a count if >= 1).
 
     ``mode="structured"`` removes whole channels (see :mod:`camphive.pruning.structured`).
+
+    ``spectrum_top_k``: the top loss-Hessian eigenvalues (by Lanczos, 1 % tolerance) measured
+    before and after pruning for the report (sharpness); 0 skips them.
 
     Interruptions: ``on_cycle_end(cycle, masks, record)`` is called after every completed
     cycle (cycle counted from 1); a run stopped after cycle k continues exactly with
@@ -168,6 +172,10 @@ def prune(
     settings = {"top_k": top_k, "scope": scope, "damping": damping, "eigen_method": eigen_method,
                 "hutchinson_probes": hutchinson_probes, "loss_diagonal": loss_diagonal, "seed": seed}
     history, eigenvalues, num_hvps, curvature_seconds = [], {}, 0, 0.0
+    sharpness = {}
+    if spectrum_top_k:
+        sharpness["before"], hvps, seconds = top_loss_eigenvalues(model, batches, params, loss_fn, spectrum_top_k, seed)
+        num_hvps, curvature_seconds = num_hvps + hvps, curvature_seconds + seconds
     for cycle, target in enumerate(cycle_targets(sparsity, cycles, schedule)):
         if cycle < start_cycle:
             continue
@@ -197,17 +205,20 @@ def prune(
                         "seconds": time.perf_counter() - cycle_start, **report})
         if on_cycle_end is not None:
             on_cycle_end(cycle + 1, {name: mask.clone() for name, mask in alive.items()}, history[-1])
+    if spectrum_top_k:
+        sharpness["after"], hvps, seconds = top_loss_eigenvalues(model, batches, params, loss_fn, spectrum_top_k, seed)
+        num_hvps, curvature_seconds = num_hvps + hvps, curvature_seconds + seconds
     global_sparsity, layer_sparsity = sparsity_of(alive)
     config = {"mode": mode, "criterion": criterion, **scorer.describe(), "sparsity": sparsity, "scope": scope,
               "selection": selection, "cycles": cycles, "schedule": schedule, "top_k": top_k, "pairing": pairing,
               "merge": merge, "recovery_steps": recovery_steps, "recalibrate_bn": recalibrate_bn, "min_keep": min_keep,
               "damping": damping, "clip": clip, "eigen_method": eigen_method, "hutchinson_probes": hutchinson_probes,
               "loss_diagonal": loss_diagonal, "num_batches": len(batches),
-              "num_samples": sum(int(x.shape[0]) for x, _ in batches), "seed": seed}
+              "num_samples": sum(int(x.shape[0]) for x, _ in batches), "spectrum_top_k": spectrum_top_k, "seed": seed}
     return PruneResult(mode=mode, masks=alive, sparsity=global_sparsity, layer_sparsity=layer_sparsity,
                        before=before, after=_summary(model, example), eigenvalues=eigenvalues, num_hvps=num_hvps,
                        curvature_seconds=curvature_seconds, seconds=time.perf_counter() - started,
-                       cycles=history, config=config)
+                       cycles=history, config=config, extra={"sharpness": sharpness})
 
 
 @torch.no_grad()
@@ -258,6 +269,20 @@ def recalibrate_batchnorm(model: nn.Module, batches) -> None:
             module.training = flag
         for norm, momentum in momenta:
             norm.momentum = momentum
+
+
+def top_loss_eigenvalues(model, batches, params, loss_fn, k: int, seed: int) -> tuple[list[float], int, float]:
+    """Top-``k`` loss-Hessian eigenvalues (by magnitude) of the prunable weights: (values, HVPs, seconds)."""
+    from camphive.curvature import HessianOperator, top_eigenpairs
+
+    started = time.perf_counter()
+    with HessianOperator(model, batches, loss_fn=loss_fn, params=list(params)) as operator:
+        # One extra pair: Lanczos converges both ends of the spectrum, so the largest
+        # magnitude is not missed when a negative and a positive eigenvalue nearly tie.
+        result = top_eigenpairs(operator, k=min(k + 1, operator.dim), method="lanczos", tol=1e-3, seed=seed)
+    if not torch.isfinite(result.eigenvalues).all():
+        raise NumericalError("loss Hessian eigenvalues are not finite; check the model's weights and data for NaN/inf")
+    return result.eigenvalues[:k].tolist(), result.num_matvecs, time.perf_counter() - started
 
 
 @torch.no_grad()
