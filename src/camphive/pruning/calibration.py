@@ -37,6 +37,7 @@ class CalibrationInfo:
         self._cache: dict = {}
         self.num_hvps = 0
         self.seconds: dict[str, float] = {}
+        self.warnings: list[str] = []
 
     def _timed(self, key: str, compute):
         if key not in self._cache:
@@ -85,6 +86,9 @@ class CalibrationInfo:
                                     tol=self.settings["eigen_tol"], max_iter=self.settings["eigen_max_iter"],
                                     seed=self.settings["seed"] + self.cycle)
             self.num_hvps += result.num_matvecs
+            if not result.all_converged:
+                self.warnings.append(f"cycle {self.cycle + 1}: loss-Hessian eigenpairs did not converge "
+                                     f"({result.message or 'max_iter reached'}); scores use the last estimates")
             if not torch.isfinite(result.eigenvalues).all():
                 raise NumericalError("loss Hessian eigenvalues are not finite; check the model's weights and data")
             return result
@@ -183,4 +187,5 @@ class CalibrationInfo:
         self._cache.clear()
 
     def report(self) -> dict:
-        return {"num_hvps": self.num_hvps, "seconds": dict(self.seconds), "eigenvalues": self.eigenvalue_report()}
+        return {"num_hvps": self.num_hvps, "seconds": dict(self.seconds), "eigenvalues": self.eigenvalue_report(),
+                "warnings": list(self.warnings)}

@@ -73,15 +73,16 @@ class MacsModel:
     def predict(self, kept: dict[str, int]) -> float:
         """Per-sample MACs when group ``key`` keeps ``kept[key]`` channels (others keep all)."""
         total = float(self.fixed)
+        removed = {key: size - kept.get(key, size) for key, size in self.sizes.items()}
         for layer in self.layers:
-            out_channels = layer.out_channels - sum((self.sizes[k] - kept.get(k, self.sizes[k])) * n for k, n in layer.out_groups)
+            out_channels = layer.out_channels - sum(removed[key] * n for key, n in layer.out_groups)
             if layer.kind == "norm":
                 total += layer.positions * out_channels
                 continue
             if layer.depthwise:  # filters and inputs go together; weights per filter unchanged
                 total += layer.positions * out_channels * layer.in_channels * layer.weight_per_pair
                 continue
-            in_channels = layer.in_channels - sum((self.sizes[k] - kept.get(k, self.sizes[k])) * n for k, n in layer.in_groups)
+            in_channels = layer.in_channels - sum(removed[key] * n for key, n in layer.in_groups)
             total += layer.positions * out_channels * in_channels * layer.weight_per_pair
         return total
 

@@ -103,7 +103,8 @@ def build_dependency_graph(model: nn.Module, example_inputs: Inputs) -> tp.Depen
             return tp.DependencyGraph().build_dependency(model, example_inputs=inputs if len(inputs) > 1 else inputs[0],
                                                          verbose=False)
     except Exception as error:  # noqa: BLE001 - tracing fails in many ways; all mean the same to the user
-        raise ConfigError(f"Torch-Pruning cannot trace the model ({type(error).__name__}: {one_line(str(error))[:200]}); "
+        reason = f"{type(error).__name__}: {one_line(str(error))[:200]}"
+        raise ConfigError(f"Torch-Pruning cannot trace the model ({reason}); "
                           "check example_inputs fit the model, or add the offending layer to ignored_layers") from error
 
 

@@ -53,7 +53,8 @@ class ConsumerGram:
     member: GroupMember
     columns: torch.Tensor  # (size, positions) the consumer's input indices of each channel
     gram: torch.Tensor
-    rows: int
+    sums: torch.Tensor  # (positions, size): sums of a_r over the same rows
+    rows: int  # rows summed per position
     samples: int = 0
 
 
@@ -91,26 +92,29 @@ def consumer_grams(model: nn.Module, batches, groups: list[ChannelGroup], flatte
     results: dict[tuple[str, str], ConsumerGram] = {}
     for entries in wanted.values():
         for key, member, columns in entries:
-            positions = columns.shape[1] if flatten_fit == "per_position" and isinstance(member.module, nn.Linear) else 1
+            per_position = flatten_fit == "per_position" and isinstance(member.module, nn.Linear)
+            positions = columns.shape[1] if per_position else 1
             zeros = torch.zeros(positions, columns.shape[0], columns.shape[0], dtype=torch.float64)
-            results[(key, member.name)] = ConsumerGram(member, columns, zeros, 0)
+            results[(key, member.name)] = ConsumerGram(member, columns, zeros, zeros[:, 0].clone(), 0)
 
     def hook(module, args):
         inputs = _read_positions(module, args[0].detach())
         for key, member, columns in wanted[id(module)]:
             size, positions = columns.shape
             if isinstance(module, nn.Linear):
-                rows = inputs.reshape(-1, inputs.shape[-1])[:, columns.reshape(-1)].double().reshape(-1, size, positions)
+                features = inputs.reshape(-1, inputs.shape[-1])[:, columns.reshape(-1)]
+                rows = features.double().reshape(-1, size, positions)
                 if flatten_fit == "per_position":
-                    gram = torch.einsum("nrq,ntq->qrt", rows, rows)
+                    gram, sums = torch.einsum("nrq,ntq->qrt", rows, rows), rows.sum(0).T
                 else:
-                    gram = torch.einsum("nrq,ntq->rt", rows, rows)[None]
+                    gram, sums = torch.einsum("nrq,ntq->rt", rows, rows)[None], rows.sum((0, 2))[None]
                 count = rows.shape[0] * (1 if flatten_fit == "per_position" else positions)
             else:
                 channels = inputs[:, columns[:, 0]].transpose(0, 1).reshape(size, -1).double()
-                gram, count = (channels @ channels.T)[None], channels.shape[1]
+                gram, sums, count = (channels @ channels.T)[None], channels.sum(1)[None], channels.shape[1]
             entry = results[(key, member.name)]
-            entry.gram += gram
+            entry.gram += gram.cpu()  # merge arithmetic runs on the CPU, in float64
+            entry.sums += sums.cpu()
             entry.rows += count
             entry.samples += int(args[0].shape[0]) if args[0].dim() > 1 else 1
 
@@ -143,6 +147,26 @@ def least_squares_coefficients(gram: torch.Tensor, removed: torch.Tensor, kept: 
     return _damped_inverse_apply(gram_kept, cross, damping)
 
 
+def least_squares_with_intercept(gram: torch.Tensor, sums: torch.Tensor, rows: int, removed: torch.Tensor,
+                                 kept: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B (positions, |S|, |P|), c (positions, |P|))`` with ``a_P ~ B^T a_S + c``.
+
+    The constant is a channel that is always 1: its Gram row is the channel sums and
+    ``rows`` itself. Damping applies to the channels only, as in the fit without intercept.
+    """
+    positions, size = gram.shape[0], kept.numel()
+    augmented = torch.zeros(positions, size + 1, size + 1, dtype=gram.dtype)
+    augmented[:, :size, :size] = gram[:, kept][:, :, kept]
+    augmented[:, :size, size] = augmented[:, size, :size] = sums[:, kept]
+    augmented[:, size, size] = float(rows)
+    rhs = torch.cat([gram[:, kept][:, :, removed], sums[:, None, removed]], 1)
+    mean_diagonal = augmented[:, :size, :size].diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(0)
+    ridge = torch.zeros(positions, size + 1, dtype=gram.dtype)
+    ridge[:, :size] = (damping * mean_diagonal)[:, None]
+    solution = torch.linalg.pinv(augmented + torch.diag_embed(ridge), hermitian=True, rtol=1e-12) @ rhs
+    return solution[:, :size], solution[:, size]
+
+
 def partners(pairing: str, removed: torch.Tensor, kept: torch.Tensor, significance: torch.Tensor,
              gram: torch.Tensor | None) -> torch.Tensor:
     """The kept partner (a channel index) of every removed channel, in ``removed``'s order."""
@@ -169,15 +193,15 @@ def producer_vectors(group: ChannelGroup, norm_scale: dict[str, torch.Tensor]) -
     parts = []
     for member in group.by_role("producer", "depthwise"):
         module = member.module
-        weight = module.weight.detach().double()
+        weight = module.weight.detach().double().cpu()
         if isinstance(module, nn.modules.conv._ConvTransposeNd):
             weight = weight.transpose(0, 1)
         rows = weight.flatten(1)[member.indices]
-        bias = module.bias.detach().double()[member.indices, None] if module.bias is not None else rows[:, :0]
+        bias = module.bias.detach().double().cpu()[member.indices, None] if module.bias is not None else rows[:, :0]
         scale = norm_scale.get(member.name)
         block = torch.cat([rows, bias], 1)
         if scale is not None:
-            block = block * scale.double()[member.indices, None]
+            block = block * scale.double().cpu()[member.indices, None]
         ordered = torch.zeros(group.size, block.shape[1], dtype=torch.float64)
         ordered[member.root_indices] = block
         parts.append(ordered)
@@ -194,7 +218,7 @@ def pair_coefficients(removed: torch.Tensor, kept: torch.Tensor, partner: torch.
     positions = similarity.shape[0]
     slot = {int(s): i for i, s in enumerate(kept.tolist())}
     rows = torch.as_tensor([slot[int(s)] for s in partner], dtype=torch.int64)
-    mean_diagonal = similarity[:, kept, kept].mean(-1) if kept.numel() else torch.zeros(positions, dtype=similarity.dtype)
+    mean_diagonal = similarity[:, kept, kept].mean(-1)
     numerator = similarity[:, partner, removed]
     denominator = similarity[:, partner, partner] + damping * mean_diagonal[:, None]
     beta = torch.where(denominator > 0, numerator / denominator.clamp_min(torch.finfo(torch.float64).tiny),
@@ -206,45 +230,76 @@ def pair_coefficients(removed: torch.Tensor, kept: torch.Tensor, partner: torch.
 
 @torch.no_grad()
 def fold_into_consumer(member: GroupMember, columns: torch.Tensor, removed: torch.Tensor, kept: torch.Tensor,
-                       coefficients: torch.Tensor) -> None:
+                       coefficients: torch.Tensor, constants: torch.Tensor | None = None) -> torch.Tensor | None:
     """Input weights of kept channel s += sum_p B_sp times those of removed channel p (in place).
 
     ``coefficients``: ``(1 or positions, |S|, |P|)``; one matrix is applied at every position.
+    ``constants`` ``(1 or positions, |P|)``: the removed channels' constant parts, returned as
+    the consumer output they stood for, ``(out,)`` (the caller puts it into a bias).
     """
     weight = member.module.weight
     positions = columns.shape[1]
+    shift = None
     if isinstance(member.module, nn.Linear):
         for q in range(positions):
-            matrix = coefficients[q if coefficients.shape[0] > 1 else 0].to(weight)
+            index = q if coefficients.shape[0] > 1 else 0
             kept_columns, removed_columns = columns[kept, q], columns[removed, q]
-            weight[:, kept_columns] += weight[:, removed_columns] @ matrix.T
+            removed_weights = weight[:, removed_columns].clone()
+            weight[:, kept_columns] += removed_weights @ coefficients[index].to(weight).T
+            if constants is not None:
+                part = removed_weights.double() @ constants[index].to(weight.device)
+                shift = part if shift is None else shift + part
     else:
-        matrix = coefficients[0].to(weight)
         kept_channels, removed_channels = columns[kept, 0], columns[removed, 0]
-        weight[:, kept_channels] += torch.einsum("sp,op...->os...", matrix, weight[:, removed_channels])
+        removed_weights = weight[:, removed_channels].clone()
+        weight[:, kept_channels] += torch.einsum("sp,op...->os...", coefficients[0].to(weight), removed_weights)
+        if constants is not None:  # every tap reads the constant (up to zero padding at the borders)
+            shift = removed_weights.double().flatten(2).sum(2) @ constants[0].to(weight.device)
+    return shift
+
+
+def norms_after(model: nn.Module) -> dict[str, nn.Module]:
+    """``{conv name: BatchNorm}`` for every BatchNorm that reads only that conv's output."""
+    from camphive.export import conv_batchnorm_pairs
+
+    modules = dict(model.named_modules())
+    return {conv_name: modules[norm_name] for conv_name, norm_name in conv_batchnorm_pairs(model)}
+
+
+def _norm_scale(norm: nn.Module) -> torch.Tensor:
+    gamma = norm.weight.detach() if norm.affine else torch.ones_like(norm.running_var)
+    return gamma / torch.sqrt(norm.running_var + norm.eps)
 
 
 def norm_scales(model: nn.Module) -> dict[str, torch.Tensor]:
     """``{conv name: gamma / sqrt(var + eps)}`` of the BatchNorm that reads only that conv."""
-    from camphive.export import conv_batchnorm_pairs
+    return {name: _norm_scale(norm) for name, norm in norms_after(model).items()}
 
-    modules = dict(model.named_modules())
-    scales = {}
-    for conv_name, norm_name in conv_batchnorm_pairs(model):
-        norm = modules[norm_name]
-        gamma = norm.weight.detach() if norm.affine else torch.ones_like(norm.running_var)
-        scales[conv_name] = gamma / torch.sqrt(norm.running_var + norm.eps)
-    return scales
+
+def _shift_output(member: GroupMember, norms: dict[str, nn.Module], shift: torch.Tensor) -> None:
+    """Add ``shift`` (out,) to the consumer's output: into its bias, or its BatchNorm's mean."""
+    bias = member.module.bias
+    if bias is not None:
+        bias += shift.to(bias)
+    else:
+        norm = norms[member.name]
+        norm.running_mean -= shift.to(norm.running_mean)
 
 
 @torch.no_grad()
 def merge_group(group: ChannelGroup, removed: torch.Tensor, significance: torch.Tensor, grams: dict,
-                merge: str, pairing: str, beta_from: str, damping: float, norm_scale: dict | None = None) -> dict:
+                merge: str, pairing: str, beta_from: str, damping: float, norms: dict[str, nn.Module] | None = None,
+                intercept: bool = False) -> dict:
     """Fold the group's ``removed`` channels into its kept ones, for every foldable consumer.
 
+    ``norms``: :func:`norms_after` of the model (for weight-based betas and intercepts).
+    ``intercept`` (least squares only): fit ``a_P ~ B^T a_S + c`` and add the constant's
+    contribution to the consumer's bias, or subtract it from the running mean of the
+    BatchNorm that reads the consumer (consumers with neither are fitted without it).
     Returns what was done: ``{"consumers": [...], "unfolded": [...]}`` (consumers left as
     plain removal: grouped convs, or no activations seen).
     """
+    norms = norms or {}
     report = {"consumers": [], "unfolded": []}
     if merge == "none" or removed.numel() == 0:
         return report
@@ -264,14 +319,21 @@ def merge_group(group: ChannelGroup, removed: torch.Tensor, significance: torch.
         else:
             partner = partners("cyclic", removed, kept, significance, None)
         if beta_from == "weights":
-            vectors = producer_vectors(group, norm_scale or {})
+            vectors = producer_vectors(group, {name: _norm_scale(norm) for name, norm in norms.items()})
             weight_similarity = (vectors @ vectors.T)[None]
     for entry in entries:
-        if merge == "least_squares":
+        constants = None
+        can_shift = entry.member.module.bias is not None or entry.member.name in norms
+        if merge == "least_squares" and intercept and can_shift:
+            coefficients, constants = least_squares_with_intercept(entry.gram, entry.sums, entry.rows, removed, kept,
+                                                                   damping)
+        elif merge == "least_squares":
             coefficients = least_squares_coefficients(entry.gram, removed, kept, damping)
         else:
             similarity = entry.gram if beta_from == "activations" else weight_similarity
             coefficients = pair_coefficients(removed, kept, partner, similarity, damping)
-        fold_into_consumer(entry.member, entry.columns, removed, kept, coefficients)
+        shift = fold_into_consumer(entry.member, entry.columns, removed, kept, coefficients, constants)
+        if shift is not None:
+            _shift_output(entry.member, norms, shift)
         report["consumers"].append(entry.member.name)
     return report

@@ -5,7 +5,9 @@ channel activations ``a``. With ``G = E[a a^T]`` (per sample, damped as the merg
 removing channel ``p`` and folding it into the kept channels by least squares (what
 ``merge="least_squares"`` does) leaves the output error ``1/2 ||w_p||^2 / [G^-1]_pp``, with
 ``w_p`` the consumer's weights of ``p`` (all outputs and kernel taps) and ``1 / [G^-1]_pp``
-the part of ``a_p`` the other channels cannot reproduce. That is the Optimal Brain
+the part of ``a_p`` the other channels cannot reproduce: exact for a linear layer or a 1x1
+conv, and for larger kernels the error under the channel-level model the merge uses (one
+fold for every tap; correlations between taps are ignored). That is the Optimal Brain
 Surgeon saliency of a channel under the consumer's reconstruction curvature (METHOD.md §1,
 "reconstruction", at channel level).
 
@@ -15,8 +17,9 @@ Surgeon saliency of a channel under the consumer's reconstruction curvature (MET
   removal costs least *given those already removed and folded* (OBS's sequential update:
   fold ``p`` into the kept weights, downdate ``G^-1``). Channels that are only redundant
   together (two near-copies) are then not both removed. The score of a channel is the
-  running maximum of the marginal costs up to its removal, so lower scores are removed
-  first and every group's first ``k`` removals are the greedy choice for ``k``.
+  running maximum of the marginal costs up to its removal (made strictly increasing), so
+  lower scores are removed first and every group's first ``k`` removals are the greedy
+  choice for ``k``. Cost: O(n^3) per consumer for a group of n channels.
 
 Consumers without a Gram (grouped convs) add ``1/2 ||w_p||^2``: removal without folding.
 """
@@ -68,6 +71,12 @@ def _unfolded_cost(group: ChannelGroup, grams: dict) -> torch.Tensor:
     return cost
 
 
+def _states(group: ChannelGroup, grams: dict, damping: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One ``(inverse, products)`` per consumer that has a Gram."""
+    keys = [(group.key, member.name) for member in group.consumers]
+    return [_consumer_state(grams[key], damping) for key in keys if key in grams]
+
+
 def _marginal_costs(states) -> torch.Tensor:
     total = None
     for inverse, products in states:
@@ -81,7 +90,7 @@ def _marginal_costs(states) -> torch.Tensor:
 @torch.no_grad()
 def obs_saliency(group: ChannelGroup, grams: dict, damping: float) -> torch.Tensor:
     """``(size,)``: each channel's fold-aware removal cost on its own (see the module docstring)."""
-    states = [_consumer_state(grams[(group.key, m.name)], damping) for m in group.consumers if (group.key, m.name) in grams]
+    states = _states(group, grams, damping)
     base = _unfolded_cost(group, grams)
     return base + _marginal_costs(states) if states else base
 
@@ -93,7 +102,7 @@ def greedy_obs_removal(group: ChannelGroup, grams: dict, damping: float) -> tupl
     ``marginal[:k].sum()`` is the fold-aware output error of removing ``order[:k]`` together
     (sequential OBS updates equal the joint least-squares fold).
     """
-    states = [_consumer_state(grams[(group.key, m.name)], damping) for m in group.consumers if (group.key, m.name) in grams]
+    states = _states(group, grams, damping)
     base = _unfolded_cost(group, grams)
     order = torch.empty(group.size, dtype=torch.int64)
     marginal = torch.empty(group.size, dtype=torch.float64)

@@ -65,11 +65,13 @@ class ChannelScorer:
         if channel_score not in CHANNEL_SCORES:
             raise ConfigError(f"unknown channel_score {channel_score!r}; use one of {', '.join(CHANNEL_SCORES)}")
         if channel_score != "summed" and self.name != "camp-hive":
-            raise ConfigError(f"channel_score={channel_score!r} belongs to criterion camp-hive; drop it for {self.name}")
+            raise ConfigError(f"channel_score={channel_score!r} belongs to criterion camp-hive; "
+                              f"drop it for {self.name}")
         self.channel_score = channel_score
         if self.name in TP_CRITERIA or channel_score != "summed":
             if options:
-                raise ConfigError(f"criterion {self.name} (channel_score {channel_score}) takes no options, got {sorted(options)}")
+                raise ConfigError(f"criterion {self.name} (channel_score {channel_score}) takes no options, "
+                                  f"got {sorted(options)}")
             self.criterion = None
         else:
             self.criterion = make_criterion(self.name, seed=seed, **(options if self.name == "camp-hive" else {}))
@@ -113,7 +115,8 @@ def weight_scores_to_channels(group: ChannelGroup, weight_scores: dict[str, torc
     return total
 
 
-def torch_pruning_scores(name: str, model: nn.Module, groups: list[ChannelGroup], batches, loss_fn=None) -> list[torch.Tensor]:
+def torch_pruning_scores(name: str, model: nn.Module, groups: list[ChannelGroup], batches,
+                         loss_fn=None) -> list[torch.Tensor]:
     """Torch-Pruning's importance of each group's channels (see the module docstring)."""
     if name == "tp-magnitude":
         importance = tp.importance.GroupMagnitudeImportance(p=2)

@@ -9,6 +9,7 @@ between them are fair by construction.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -280,6 +281,9 @@ def top_loss_eigenvalues(model, batches, params, loss_fn, k: int, seed: int) -> 
         # One extra pair: Lanczos converges both ends of the spectrum, so the largest
         # magnitude is not missed when a negative and a positive eigenvalue nearly tie.
         result = top_eigenpairs(operator, k=min(k + 1, operator.dim), method="lanczos", tol=1e-3, seed=seed)
+    if not result.all_converged:
+        warnings.warn(f"top loss-Hessian eigenvalues did not converge ({result.message}); the report shows estimates",
+                      stacklevel=3)
     if not torch.isfinite(result.eigenvalues).all():
         raise NumericalError("loss Hessian eigenvalues are not finite; check the model's weights and data for NaN/inf")
     return result.eigenvalues[:k].tolist(), result.num_matvecs, time.perf_counter() - started

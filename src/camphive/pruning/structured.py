@@ -6,17 +6,21 @@ Each cycle:
    groups (:mod:`~camphive.pruning.channel_groups`): output channels with their BN
    channels, depthwise filters, residual partners and the input channels that read them;
    the classifier's outputs and ``ignored_layers``' outputs are never touched;
-2. score every channel (:mod:`~camphive.pruning.channel_scores`): CAMP-HiVe's curvature
-   scores summed over the group, or a baseline (L1 magnitude, Taylor, random, OBD,
-   Hutchinson, Torch-Pruning's group importances);
+2. score every channel (:mod:`~camphive.pruning.channel_scores`): by default CAMP-HiVe's
+   fold-aware Optimal Brain Surgeon cost under each consumer's reconstruction curvature,
+   removed greedily (:mod:`~camphive.pruning.channel_saliency`); or the CAMP-HiVe per-weight
+   scores summed over the group (``channel_score="summed"``); or a baseline (L1 magnitude,
+   Taylor, random, OBD, Hutchinson, Torch-Pruning's group importances);
 3. decide how many channels each group keeps (:mod:`~camphive.pruning.channel_budget`):
    this cycle's share of the final ``sparsity`` (fraction of channels) or
    ``target_macs_ratio``, uniform over groups or global by normalized score, optionally
    rounded to multiples of ``round_to``;
 4. fold the lowest-scoring channels into kept ones through every layer that reads them
-   (:mod:`~camphive.pruning.channel_merging`), then remove them physically, so MACs,
-   parameters and latency really drop and the model exports and reloads as usual.
+   (:mod:`~camphive.pruning.channel_merging`), remove them physically (so MACs, parameters
+   and latency really drop, and the model exports and reloads as usual), and re-estimate
+   BatchNorm statistics on the calibration images.
 
+Defaults were chosen by measurement (benchmarks/structured.py, benchmarks/RESULTS.md).
 Parameters, MACs (:func:`camphive.measure.count_macs`) and, unless
 ``measure_latency=False``, CPU latency at batch 1 and 64 (interleaved medians) are
 measured before and after.
@@ -39,12 +43,13 @@ from camphive.pruning.channel_budget import (MacsModel, check_targets, global_ke
                                              lowest_channels, uniform_kept, uniform_kept_for_macs)
 from camphive.pruning.channel_groups import build_dependency_graph, channel_groups, remove_channels, resolve_ignored
 from camphive.pruning.channel_merging import (BETA_SOURCES, FLATTEN_FITS, STRUCTURED_MERGES, STRUCTURED_PAIRINGS,
-                                              consumer_grams, merge_group, norm_scales)
+                                              consumer_grams, merge_group, norms_after)
 from camphive.pruning.channel_scores import ChannelScorer, canonical_criterion
-from camphive.pruning.pipeline import PruneResult
+from camphive.pruning.pipeline import PruneResult, recalibrate_batchnorm
 
 # Defaults for CAMP-HiVe (baselines default to plain removal, merge="none").
-DEFAULTS = {"channel_score": "summed", "merge": "least_squares", "pairing": "coupled", "beta_from": "activations", "flatten_fit": "shared"}
+DEFAULTS = {"channel_score": "greedy_obs", "merge": "least_squares", "pairing": "coupled", "beta_from": "activations",
+            "flatten_fit": "shared", "intercept": False, "recalibrate_bn": True}
 
 
 def prune_structured(
@@ -60,6 +65,8 @@ def prune_structured(
     beta_from: str | None = None,
     flatten_fit: str | None = None,
     damping: float = 0.01,
+    intercept: bool | None = None,
+    recalibrate_bn: bool | None = None,
     global_pruning: bool = False,
     round_to: int | None = None,
     min_channels: int | float = 1,
@@ -80,16 +87,26 @@ def prune_structured(
     Targets (exactly one): ``sparsity``, the fraction of each group's channels to remove
     (of all prunable channels with ``global_pruning``), or ``target_macs_ratio`` (2.0 =
     half the MACs of :func:`camphive.measure.count_macs`), each reached linearly over
-    ``cycles``. ``criterion``: "camp-hive" (``criterion_options`` go to it: score,
-    curvature, ...), "magnitude" (L1), "random", "taylor", "obd", "hutchinson",
-    "tp-magnitude", "tp-taylor", "tp-hessian". ``merge``: "least_squares", "pair" (with
-    ``pairing`` "coupled"|"cyclic" and ``beta_from`` "activations"|"weights") or "none"
-    (the default for baselines). ``round_to`` rounds kept channel counts to multiples;
+    ``cycles``; ``round_to`` rounds kept channel counts to multiples (8 helps CPU kernels);
     every group keeps at least ``min_channels`` (a count, or a fraction if < 1).
+
+    ``criterion``: "camp-hive", "magnitude" (L1), "random", "taylor", "obd", "hutchinson",
+    "tp-magnitude", "tp-taylor", "tp-hessian". For CAMP-HiVe, ``channel_score`` is
+    "greedy_obs" (default), "obs" or "summed" (its per-weight scores, configured by
+    ``criterion_options`` such as ``{"score": "obs"}``, summed over the group).
+    ``merge``: "least_squares" (CAMP-HiVe's default; ``intercept`` adds a constant to the
+    fit), "pair" (``pairing`` "coupled"|"cyclic", ``beta_from`` "activations"|"weights") or
+    "none" (the baselines' default); ``damping`` is relative to the mean Gram diagonal;
+    ``flatten_fit`` ("shared"|"per_position") for linear layers after a flatten.
+    ``recalibrate_bn`` re-estimates BatchNorm statistics after each cycle (default True).
+
     ``example_inputs`` (default: one calibration sample) are used for tracing and MACs.
-    The result's ``masks`` is empty (nothing is masked: channels are gone); ``sparsity`` is
+    ``measure_latency`` times the model before and after on the CPU at
+    ``latency_batch_sizes`` (``latency_threads``, about ``latency_seconds`` per size).
+    The result's ``masks`` is empty (channels are gone, nothing is masked); ``sparsity`` is
     the fraction of prunable channels removed; ``extra`` holds MACs and parameter ratios,
-    channel counts per group and latency (``None`` when ``measure_latency=False``).
+    whether a MACs target was reached, channel counts per group and latency (``None``
+    when not measured).
     """
     started = time.perf_counter()
     check_targets(sparsity, target_macs_ratio)
@@ -105,6 +122,8 @@ def prune_structured(
     merge = merge or (DEFAULTS["merge"] if scorer.name == "camp-hive" else "none")
     pairing, beta_from = pairing or DEFAULTS["pairing"], beta_from or DEFAULTS["beta_from"]
     flatten_fit = flatten_fit or DEFAULTS["flatten_fit"]
+    intercept = DEFAULTS["intercept"] if intercept is None else bool(intercept)
+    recalibrate_bn = DEFAULTS["recalibrate_bn"] if recalibrate_bn is None else bool(recalibrate_bn)
     for option, value, choices in (("merge", merge, STRUCTURED_MERGES), ("pairing", pairing, STRUCTURED_PAIRINGS),
                                    ("beta_from", beta_from, BETA_SOURCES), ("flatten_fit", flatten_fit, FLATTEN_FITS)):
         if value not in choices:
@@ -140,7 +159,8 @@ def prune_structured(
         if target_macs_ratio is not None:
             target_macs = before["macs"] * (1.0 - (1.0 - 1.0 / target_macs_ratio) * fraction_done)
             if global_pruning:
-                kept = global_kept_for_macs(groups, original_sizes, scores, macs_model, target_macs, round_to, min_channels)
+                kept = global_kept_for_macs(groups, original_sizes, scores, macs_model, target_macs, round_to,
+                                            min_channels)
             else:
                 kept, _ = uniform_kept_for_macs(groups, original_sizes, macs_model, target_macs, round_to, min_channels)
             reached = macs_model.predict(kept) <= target_macs * (1 + 1e-9)
@@ -151,11 +171,15 @@ def prune_structured(
             kept = global_kept(groups, original_sizes, scores, max(0, goal - removed_so_far), round_to, min_channels)
         else:
             kept = uniform_kept(groups, original_sizes, sparsity * fraction_done, round_to, min_channels)
-        removals = {group.key: lowest_channels(score, group.size - kept[group.key]) for group, score in zip(groups, scores)}
-        merged = _merge(model, groups, removals, scores, grams, merge, pairing, beta_from, flatten_fit, damping)
+        removals = {group.key: lowest_channels(score, group.size - kept[group.key])
+                    for group, score in zip(groups, scores)}
+        merged = _merge(model, groups, removals, scores, grams, merge, pairing, beta_from, flatten_fit, damping,
+                        intercept)
         for group in groups:
             remove_channels(graph, group, removals[group.key])
         _check_finite(model, f"cycle {cycle + 1}")
+        if recalibrate_bn:
+            recalibrate_batchnorm(model, batches)
         macs_now = count_macs(model, one_sample)
         report = info.report()
         num_hvps += report["num_hvps"]
@@ -171,7 +195,8 @@ def prune_structured(
     total_channels = sum(original_sizes.values())
     final_sizes = {key: kept.get(key, size) for key, size in original_sizes.items()}
     extra = {
-        "macs_before": before["macs"], "macs_after": after["macs"], "macs_ratio": before["macs"] / max(after["macs"], 1),
+        "macs_before": before["macs"], "macs_after": after["macs"],
+        "macs_ratio": before["macs"] / max(after["macs"], 1),
         "macs_conv_linear_ratio": before["macs_conv_linear"] / max(after["macs_conv_linear"], 1),
         "params_before": before["parameters"], "params_after": after["parameters"],
         "params_ratio": before["parameters"] / max(after["parameters"], 1),
@@ -182,9 +207,10 @@ def prune_structured(
     }
     config = {"mode": "structured", **scorer.describe(), "sparsity": sparsity, "target_macs_ratio": target_macs_ratio,
               "cycles": int(cycles), "merge": merge, "pairing": pairing, "beta_from": beta_from,
-              "flatten_fit": flatten_fit, "damping": damping, "global_pruning": global_pruning, "round_to": round_to,
-              "min_channels": min_channels, "ignored_layers": [str(x) if not isinstance(x, nn.Module) else type(x).__name__
-                                                              for x in (ignored_layers or [])],
+              "flatten_fit": flatten_fit, "damping": damping, "intercept": intercept, "recalibrate_bn": recalibrate_bn,
+              "global_pruning": global_pruning, "round_to": round_to,
+              "min_channels": min_channels,
+              "ignored_layers": [x if isinstance(x, str) else type(x).__name__ for x in (ignored_layers or [])],
               "num_batches": len(batches), "num_samples": sum(int(x.shape[0]) for x, _ in batches), "seed": seed}
     return PruneResult(mode="structured", masks={},
                        sparsity=1.0 - sum(final_sizes.values()) / total_channels if total_channels else 0.0,
@@ -198,7 +224,7 @@ def _needs_activations(scorer: ChannelScorer, merge: str, pairing: str, beta_fro
     return scorer.needs_activations or merge_reads
 
 
-def _merge(model, groups, removals, scores, grams, merge, pairing, beta_from, flatten_fit, damping) -> dict:
+def _merge(model, groups, removals, scores, grams, merge, pairing, beta_from, flatten_fit, damping, intercept) -> dict:
     """Fold every group's removed channels into its kept ones; returns which consumers were folded."""
     result = {"folded": 0, "unfolded": []}
     active = [group for group in groups if removals[group.key].numel()]
@@ -206,11 +232,11 @@ def _merge(model, groups, removals, scores, grams, merge, pairing, beta_from, fl
         return result
     if not grams:  # coefficients from weights only: zero Grams just name the foldable consumers
         grams = consumer_grams(model, [], active, flatten_fit)
-    scales = norm_scales(model) if merge == "pair" and beta_from == "weights" else {}
+    norms = norms_after(model) if merge == "pair" and beta_from == "weights" or intercept else {}
     by_key = {group.key: score for group, score in zip(groups, scores)}
     for group in active:
         report = merge_group(group, removals[group.key], by_key[group.key], grams, merge, pairing, beta_from, damping,
-                             scales)
+                             norms, intercept)
         result["folded"] += len(report["consumers"])
         result["unfolded"] += report["unfolded"]
     return result
