@@ -8,6 +8,9 @@ import torch
 
 from camphive import progress
 
+# Module- and session-scoped fixtures run outside the per-test fixture below.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _quiet_and_single_threaded():

@@ -178,6 +178,7 @@ def prune_command(
     device: str = DeviceOption,
     seed: int = typer.Option(0),
     overwrite: bool = typer.Option(False),
+    resume: bool = typer.Option(False, help="Continue the stopped run in --out (after its last saved cycle or epoch)."),
     config: Optional[Path] = ConfigOption,
 ):
     """Prune a checkpoint with CAMP-HiVe (or a baseline), optionally fine-tune, write the pruned checkpoint."""
@@ -189,7 +190,8 @@ def prune_command(
     results = prune_job(checkpoint=checkpoint, out=out, sparsity=sparsity, mode=mode, criterion=criterion,
                         target_macs_ratio=target_macs_ratio, dataset=dataset, data_root=data_root,
                         calib_samples=calib_samples, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
-                        train_subset=train_subset, device=device, seed=seed, overwrite=overwrite, options=options)
+                        train_subset=train_subset, device=device, seed=seed, overwrite=overwrite, resume=resume,
+                        options=options)
     summary = {"dense accuracy": results["dense"]["accuracy"], "pruned accuracy": results["pruned"]["accuracy"],
                "sparsity": results["prune"]["sparsity"]}
     if results["finetuned"]:
@@ -313,7 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning user errors into one line and a non-zero exit."""
     previous = signal.signal(signal.SIGINT, _interrupt)
     try:
-        result = app(args=argv, prog_name="camphive", standalone_mode=False)
+        from camphive import distributed
+
+        # Under torchrun: joins the process group, silences ranks other than 0, leaves it at exit.
+        with distributed.session():
+            result = app(args=argv, prog_name="camphive", standalone_mode=False)
         if isinstance(result, int) and not isinstance(result, bool):
             return result  # --help and friends return their exit code
     except CamphiveError as error:

@@ -63,14 +63,29 @@ def _json_default(value):
 
 @dataclass
 class RunFolder:
-    """A folder holding one run: ``config.yaml``, ``metrics.json``, ``log.txt``, checkpoints."""
+    """A folder holding one run: ``config.yaml``, ``metrics.json``, ``log.txt``, checkpoints.
+
+    Under torchrun only rank 0 writes: the folder is made there, and on every other process
+    ``writer`` is False and ``write_config``, ``write_json`` and the logger do nothing (jobs
+    check ``writer`` before saving checkpoints).
+    """
 
     path: Path
+    writer: bool = True
 
     @classmethod
     def create(cls, path: str | Path, overwrite: bool = False, resume: bool = False) -> "RunFolder":
-        """Make the folder. An existing non-empty folder is refused unless ``overwrite`` or ``resume``."""
-        path = Path(path)
+        """Make the folder. An existing non-empty folder is refused unless ``overwrite`` or ``resume``.
+
+        Under torchrun rank 0 makes (or refuses) it and every process gets the same answer.
+        """
+        from camphive import distributed
+
+        made = distributed.on_rank_zero(lambda: cls._make(Path(path), overwrite, resume))
+        return cls(made.path, writer=distributed.is_main_process())
+
+    @classmethod
+    def _make(cls, path: Path, overwrite: bool, resume: bool) -> "RunFolder":
         if path.exists() and not path.is_dir():
             raise ConfigError(f"output path {path} exists and is not a folder; choose another --out")
         if path.is_dir() and any(path.iterdir()) and not (overwrite or resume):
@@ -85,16 +100,26 @@ class RunFolder:
         return self.path / name
 
     def write_config(self, config: dict) -> Path:
+        if not self.writer:
+            return self.file("config.yaml")
         return atomic_write_text(self.file("config.yaml"), yaml.safe_dump(_plain(config), sort_keys=False))
 
     def write_json(self, name: str, data) -> Path:
+        if not self.writer:
+            return self.file(name)
         return atomic_write_json(self.file(name), data)
 
     def read_json(self, name: str):
         return json.loads(self.file(name).read_text())
 
     def logger(self) -> logging.Logger:
-        """A logger appending to ``log.txt`` in this folder (one per folder)."""
+        """A logger appending to ``log.txt`` in this folder (one per folder; silent when not the writer)."""
+        if not self.writer:
+            silent = logging.getLogger("camphive.run.silent")
+            if not silent.handlers:
+                silent.addHandler(logging.NullHandler())
+                silent.propagate = False
+            return silent
         logger = logging.getLogger(f"camphive.run.{self.path.resolve()}")
         if not logger.handlers:
             handler = logging.FileHandler(self.file("log.txt"), encoding="utf-8")

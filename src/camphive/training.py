@@ -3,6 +3,11 @@
 Masks (``{parameter name: bool tensor}``) are enforced exactly: gradients of pruned entries
 are zeroed before each optimizer step and the weights are masked after it, so momentum and
 weight decay can never grow a pruned weight back.
+
+Under torchrun (a process group started, see :mod:`camphive.distributed`) ``train`` wraps the
+model in ``DistributedDataParallel`` and each process reads its shard of the data; gradients are
+masked after DDP's all-reduce, so every process takes the same step and keeps the same weights.
+``evaluate`` sums its counts over the processes, so its metrics equal those of one process.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from camphive import distributed as dist_tools
 from camphive import progress
 from camphive.batches import as_batches
 from camphive.devices import resolve_device
@@ -123,9 +129,14 @@ def forward_checked(model: nn.Module, inputs: torch.Tensor, where: str) -> torch
         raise
 
 
-def _seed_epoch(data, seed: int, epoch: int) -> None:
-    """Make shuffling and augmentation of an epoch depend only on (seed, epoch), so resume is exact."""
-    torch.manual_seed(seed * 1000003 + epoch)
+def _seed_epoch(data, seed: int, epoch: int, rank: int = 0) -> None:
+    """Make shuffling and augmentation of an epoch depend only on (seed, epoch), so resume is exact.
+
+    The shuffling generator is the same on every process (their shards partition one order);
+    augmentation draws from a stream of each process's own (``rank``; rank 0's is the
+    single-process one), so the processes do not apply the same crops to different images.
+    """
+    torch.manual_seed(seed * 1000003 + epoch + 7_919_993 * rank)
     generator = getattr(data, "generator", None)
     if isinstance(generator, torch.Generator):
         generator.manual_seed(seed * 1000003 + epoch)
@@ -158,6 +169,7 @@ def train(
     amp: bool = False,
     state: TrainState | None = None,
     on_epoch_end: Callable[[EpochRecord, TrainState], None] | None = None,
+    distributed: bool | None = None,
 ) -> TrainResult:
     """Train ``model`` in place with SGD and return the per-epoch history.
 
@@ -165,18 +177,32 @@ def train(
     list of ``(inputs, targets)`` batches. ``masks`` keeps pruned weights exactly zero.
     ``state`` resumes from a :class:`TrainState` given to ``on_epoch_end`` by an earlier
     run with the same arguments; the result is then the same as an uninterrupted run.
+
+    ``distributed`` (``None``: whenever a process group runs): every process calls ``train``
+    with the same arguments; loaders and datasets are sharded here (padded, so all processes
+    take the same number of steps), a list of batches is taken as this process's own (steps
+    per epoch: the fewest of any process). ``batch_size`` is per process; the reported
+    losses and accuracies are over all processes.
     """
     if epochs < 0:
         raise ConfigError(f"epochs must be >= 0, got {epochs}")
+    distributed = dist_tools.resolve(distributed)
     device = resolve_device(device)
+    if distributed:
+        device = dist_tools.process_device(device)
     model.to(device)
     if masks:
         check_masks(model, masks)
         masks = {name: mask.to(device) for name, mask in masks.items()}
         apply_masks(model, masks)
     batches = as_batches(train_data, batch_size=batch_size, shuffle=True, seed=seed)
+    step_limit = None
+    if distributed:
+        batches = dist_tools.shard_loader(batches, pad=True, seed=seed)
     try:
         steps_per_epoch = len(batches)  # type: ignore[arg-type]
+        if distributed:  # DDP needs the same number of steps on every process
+            steps_per_epoch = step_limit = dist_tools.all_reduce_int(steps_per_epoch, "min")
     except TypeError:
         steps_per_epoch = 1
     if steps_per_epoch == 0:
@@ -193,18 +219,21 @@ def train(
         start_epoch = state.epoch
         result.history = [EpochRecord(**record) for record in state.history]
     use_amp = amp and device.type == "cuda"
+    network = dist_tools.wrap_model(model, device) if distributed else model
     started = time.perf_counter()
     for epoch in range(start_epoch, epochs):
-        _seed_epoch(batches, seed, epoch)
+        _seed_epoch(batches, seed, epoch, dist_tools.rank() if distributed else 0)
         model.train()
         epoch_start = time.perf_counter()
         total_loss, correct, seen = 0.0, 0, 0
         for step, (inputs, targets) in enumerate(progress.track(batches, f"epoch {epoch + 1}/{epochs}")):
+            if step_limit is not None and step >= step_limit:
+                break
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             if inputs.shape[0] < 2 and _has_batchnorm(model):
                 continue  # BatchNorm cannot normalise a single sample in training mode
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                outputs = forward_checked(model, inputs, f"epoch {epoch + 1} batch {step}") if step == 0 else model(inputs)
+                outputs = forward_checked(network, inputs, f"epoch {epoch + 1} batch {step}") if step == 0 else network(inputs)
                 if step == 0:
                     check_targets(targets, outputs.shape[-1], "the training data")
                 loss = loss_fn(outputs.float(), targets)
@@ -214,7 +243,7 @@ def train(
                     "lower the learning rate (--lr) or check the data for NaN/inf"
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # under DDP the gradients are all-reduced when this returns
             mask_gradients(model, masks)
             if max_grad_norm:
                 nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
@@ -225,6 +254,12 @@ def train(
             if outputs.ndim == 2 and not targets.dtype.is_floating_point:
                 correct += int((outputs.argmax(1) == targets).sum())
             seen += inputs.shape[0]
+        if distributed:
+            total_loss, correct, seen = dist_tools.all_reduce_numbers([total_loss, correct, seen])
+            correct, seen = int(correct), int(seen)
+            # Each process updated its BatchNorm statistics with its own last batch: keep rank 0's,
+            # so every process holds the model that rank 0 saves.
+            dist_tools.broadcast_buffers(model)
         record = EpochRecord(
             epoch=epoch + 1,
             train_loss=total_loss / max(seen, 1),
@@ -233,7 +268,7 @@ def train(
             seconds=time.perf_counter() - epoch_start,
         )
         if eval_data is not None:
-            metrics = evaluate(model, eval_data, loss_fn=loss_fn, device=device)
+            metrics = evaluate(model, eval_data, loss_fn=loss_fn, device=device, distributed=distributed)
             record.test_accuracy, record.test_loss = metrics["accuracy"], metrics["loss"]
         result.history.append(record)
         if on_epoch_end is not None:
@@ -259,23 +294,43 @@ def _has_batchnorm(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data, *, loss_fn: LossFn | None = None, device="auto",
-             batch_size: int = 256, max_batches: int | None = None) -> dict:
+             batch_size: int = 256, max_batches: int | None = None, distributed: bool | None = None) -> dict:
     """Return ``{"accuracy", "top5", "loss", "num_samples"}`` of ``model`` on ``data``.
 
     ``top5`` is ``None`` when the model has 5 outputs or fewer. The model's training flag
     is restored afterwards.
+
+    ``distributed`` (``None``: whenever a process group runs): every process calls ``evaluate``;
+    a loader or dataset is sharded here without padding (the padding of a ``DistributedSampler``
+    is skipped), a list of batches is this process's own, and the counts are summed over the
+    processes, so the metrics are those of one process evaluating all the data.
+    ``max_batches`` then counts per process.
     """
+    distributed = dist_tools.resolve(distributed)
     device = resolve_device(device)
+    if distributed:
+        device = dist_tools.process_device(device)
     model.to(device)
     was_training = model.training
     model.eval()
     loss_fn = loss_fn or default_loss()
     total_loss, correct, correct5, seen = 0.0, 0, 0, 0
     num_outputs = None
+    batches = as_batches(data, batch_size=batch_size)
+    padding = None
+    if distributed:
+        batches = dist_tools.shard_loader(batches, pad=False)
+        padding = dist_tools.padding_filter(batches)
     try:
-        for step, (inputs, targets) in enumerate(as_batches(data, batch_size=batch_size)):
+        for step, (inputs, targets) in enumerate(batches):
             if max_batches is not None and step >= max_batches:
                 break
+            if padding is not None:
+                keep = padding.keep(inputs.shape[0])
+                if not bool(keep.all()):
+                    inputs, targets = inputs[keep], targets[keep]
+                if inputs.shape[0] == 0:
+                    continue
             inputs, targets = inputs.to(device), targets.to(device)
             outputs = forward_checked(model, inputs, f"batch {step}") if step == 0 else model(inputs)
             num_outputs = outputs.shape[-1]
@@ -289,6 +344,10 @@ def evaluate(model: nn.Module, data, *, loss_fn: LossFn | None = None, device="a
             seen += inputs.shape[0]
     finally:
         model.train(was_training)
+    if distributed:
+        total_loss, correct, correct5, seen = dist_tools.all_reduce_numbers([total_loss, correct, correct5, seen])
+        correct, correct5, seen = int(correct), int(correct5), int(seen)
+        num_outputs = dist_tools.all_reduce_int(num_outputs or 0, "max") or None  # a process may have no samples
     if seen == 0:
         raise DataError("the evaluation data is empty; pass at least one (inputs, targets) batch")
     return {

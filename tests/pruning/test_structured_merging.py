@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from camphive.pruning.channel_groups import build_dependency_graph, channel_groups, remove_channels
-from camphive.pruning.channel_merging import consumer_grams, least_squares_coefficients, merge_group, norm_scales
+from camphive.pruning.channel_merging import (consumer_grams, least_squares_coefficients, merge_group, norm_scales,
+                                              norms_after)
 from camphive.pruning.channel_saliency import greedy_obs_removal, greedy_obs_scores, obs_saliency
 from camphive.pruning.structured import prune_structured
 
@@ -131,3 +132,36 @@ def test_norm_scales_follow_batchnorm():
     scales = norm_scales(model)
     expected = torch.tensor([1.0, 2.0, -1.0]) / torch.sqrt(torch.tensor([1.0, 4.0, 0.25]) + model[1].eps)
     assert torch.allclose(scales["0"], expected, atol=1e-5)
+
+
+def _affine_copy_model(consumer: str) -> nn.Module:
+    """Channel 3 = 0.4 x channel 1 + 0.7 exactly (no activation), read by a linear with a bias or
+    by a bias-free 1x1 conv with a BatchNorm after it."""
+    torch.manual_seed(0)
+    if consumer == "linear":
+        model = nn.Sequential(nn.Conv2d(2, 5, 3, padding=1), nn.Flatten(), nn.Linear(5 * 64, 3))
+    else:
+        model = nn.Sequential(nn.Conv2d(2, 5, 3, padding=1), nn.Conv2d(5, 3, 1, bias=False), nn.BatchNorm2d(3))
+        with torch.no_grad():
+            model[2].running_mean.uniform_(-1, 1)
+            model[2].running_var.uniform_(0.5, 2)
+    with torch.no_grad():
+        model[0].weight[REMOVED] = FACTOR * model[0].weight[PARTNER]
+        model[0].bias[REMOVED] = FACTOR * model[0].bias[PARTNER] + 0.7
+    return model.eval()
+
+
+@pytest.mark.parametrize("consumer", ["linear", "conv+bn"])
+def test_intercept_folds_a_constant_offset_exactly(consumer):
+    errors = {}
+    for intercept in (True, False):
+        model, x = _affine_copy_model(consumer), inputs()
+        reference = model(x)
+        graph = build_dependency_graph(model, x[:1])
+        (group,) = [g for g in channel_groups(model, graph) if g.key == "0"]
+        grams = consumer_grams(model, [(x, None)], [group])
+        merge_group(group, torch.tensor([REMOVED]), torch.zeros(5), grams, "least_squares", "coupled", "activations",
+                    0.0, norms_after(model), intercept=intercept)
+        remove_channels(graph, group, [REMOVED])
+        errors[intercept] = float((model(x) - reference).abs().max().detach())
+    assert errors[True] <= 1e-5 < 1e-3 < errors[False]

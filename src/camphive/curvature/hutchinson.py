@@ -5,6 +5,10 @@ With Rademacher probes ``z`` (entries +1/-1, independent), ``E[z * Hz] = diag(H)
 matrix (``z * Dz = D z^2 = diag(D)``), and its error otherwise shrinks like
 ``1/sqrt(num_probes)``. Probes go through ``matmat`` in blocks when the operator has it
 (a :class:`HessianOperator` then shares each batch's first backward).
+
+Probes are drawn on the CPU from ``seed`` alone, so under torchrun every process draws the same
+probes; with a distributed operator (products reduced over the processes) every process then
+gets the same estimate, that of one process holding all the data.
 """
 from __future__ import annotations
 

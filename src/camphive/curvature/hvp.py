@@ -10,6 +10,11 @@ Cost, measured on the CPU (benchmarks/curvature.py): with ``method="double_backw
 the first-backward graph of each batch cached (``cache_graph``), a product costs only the
 second backward; without the cache, a forward and two backwards. ``matmat`` shares each
 batch's first backward across its columns.
+
+Under torchrun (see :mod:`camphive.distributed`) each process holds a shard of the calibration
+batches and every product, gradient and loss is reduced over the processes weighted by their
+sample counts, so each process sees exactly the operator of the union of the shards: the
+eigen-solvers and Hutchinson (same seeds everywhere) then agree on every process.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from camphive import distributed as dist_tools
 from camphive.curvature.flat import flatten_tensors, split_flat
 from camphive.curvature.operators import BlockDiagonalOperator, LinearOperatorBase
 from camphive.curvature.pearlmutter import DoubleBackwardEngine, ForwardOverReverseEngine, LossFunction
@@ -56,9 +62,12 @@ class HessianOperator(LinearOperatorBase):
             only): ``True``, ``False`` or ``"auto"`` (while it fits in ``memory_budget`` bytes,
             default half the free device memory). Dropped when the model changes, or by
             :meth:`clear_cache` / leaving a ``with`` block.
+        distributed: ``None`` (default): when a process group runs, ``data`` is this process's
+            shard and results are reduced over the processes (every process must then make the
+            same calls); ``False``: this process's data alone; ``True``: require a group.
 
     Attributes: ``dim``, ``params`` (names in order), ``shapes``, ``num_matvecs`` (vectors
-    multiplied), ``matvec_seconds`` (time spent in products).
+    multiplied), ``matvec_seconds`` (time spent in products), ``num_samples`` (all processes).
     """
 
     def __init__(
@@ -75,7 +84,9 @@ class HessianOperator(LinearOperatorBase):
         memory_budget: float | None = None,
         ignored_layers=None,
         batch_size: int = 128,
+        distributed: bool | None = None,
         _engine=None,
+        _total_samples: int | None = None,
     ) -> None:
         super().__init__()
         if method not in HVP_METHODS:
@@ -101,6 +112,11 @@ class HessianOperator(LinearOperatorBase):
             batches = prepare_batches(data, num_batches, self.device, self.dtype, batch_size=batch_size)
             _engine = self._make_engine(list(chosen), list(chosen.values()), batches, memory_budget)
         self._engine = _engine
+        self.distributed = dist_tools.resolve(distributed)
+        self.local_samples = sum(int(inputs.shape[0]) for inputs, _ in _engine.batches)
+        if _total_samples is None:
+            _total_samples = dist_tools.all_reduce_int(self.local_samples) if self.distributed else self.local_samples
+        self._total_samples = _total_samples
         position = {name: index for index, name in enumerate(_engine.names)}
         self._indices = [position[name] for name in self.params]
 
@@ -111,11 +127,19 @@ class HessianOperator(LinearOperatorBase):
 
     @property
     def num_samples(self) -> int:
-        return sum(int(inputs.shape[0]) for inputs, _ in self._engine.batches)
+        """Calibration samples the operator averages over (on all processes when distributed)."""
+        return self._total_samples
 
     @property
     def num_batches(self) -> int:
+        """Calibration batches of this process."""
         return len(self._engine.batches)
+
+    def _reduced(self, local_mean: torch.Tensor) -> torch.Tensor:
+        """This process's mean over its samples -> the mean over all processes' samples."""
+        if not self.distributed:
+            return local_mean
+        return dist_tools.reduce_mean_(local_mean.contiguous(), self.local_samples, self._total_samples)
 
     @property
     def cached_bytes(self) -> int:
@@ -133,13 +157,13 @@ class HessianOperator(LinearOperatorBase):
         start = time.perf_counter()
         vector_sets = [split_flat(row, self.shapes) for row in rows]
         results = self._engine.hvp(self._indices, vector_sets, per_block=self.block == "layer")
-        products = torch.stack([flatten_tensors(pieces) for pieces in results])
+        products = self._reduced(torch.stack([flatten_tensors(pieces) for pieces in results]))
         self.matvec_seconds += time.perf_counter() - start
         return products
 
     def gradient(self) -> torch.Tensor:
         """Flat gradient of the mean calibration loss (a forward and a backward per batch)."""
-        return flatten_tensors(self._engine.gradient(self._indices))
+        return self._reduced(flatten_tensors(self._engine.gradient(self._indices)))
 
     def loss(self) -> float:
         """The mean calibration loss (eval mode)."""
@@ -147,6 +171,8 @@ class HessianOperator(LinearOperatorBase):
         with torch.no_grad(), curvature_mode(self.model, ()):
             for index, (inputs, _) in enumerate(self._engine.batches):
                 total += float(self._engine._scaled_loss(index, self.model(inputs)))
+        if self.distributed:
+            total = dist_tools.all_reduce_numbers([total * self.local_samples / self._total_samples])[0]
         return total
 
     def restricted_to(self, names: Sequence[str]) -> HessianOperator:
@@ -166,7 +192,7 @@ class HessianOperator(LinearOperatorBase):
         chosen = {name: self._engine.params[self._engine.names.index(name)] for name in names}
         return HessianOperator(
             self.model, None, loss_fn=self.loss_fn, params=chosen, method=self.method,
-            cache_graph=self.cache_graph, _engine=engine,
+            cache_graph=self.cache_graph, distributed=self.distributed, _engine=engine, _total_samples=self._total_samples,
         )
 
     def block_operators(self) -> dict[str, HessianOperator]:
@@ -191,7 +217,8 @@ class HessianOperator(LinearOperatorBase):
     def __repr__(self) -> str:
         return (
             f"HessianOperator(dim={self.dim}, params={len(self.params)}, batches={self.num_batches}, "
-            f"samples={self.num_samples}, method={self.method!r}, block={self.block!r}, cache_graph={self.cache_graph!r})"
+            f"samples={self.num_samples}, distributed={self.distributed}, method={self.method!r}, block={self.block!r}, "
+            f"cache_graph={self.cache_graph!r})"
         )
 
 

@@ -21,6 +21,10 @@ float64 by default, in one forward pass with hooks (BatchNorm in eval mode; the 
 modes and flags are restored). Layers whose fan-in exceeds ``max_fan_in`` keep a product
 form instead: a uniform subsample of at most ``max_rows`` input rows ``X``, with
 ``G v = X^T (X v) / rows`` (the diagonal stays exact).
+
+Under torchrun each process passes its shard of the calibration data; the sums of ``x x^T``
+and the row counts are reduced over the processes, so every process holds the G of the union
+(in product form the kept rows are gathered from all processes, in rank order).
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from camphive import distributed as dist_tools
 from camphive.curvature.operators import LinearOperatorBase
 from camphive.curvature.state import curvature_mode, parameter_device_dtype, prepare_batches
 from camphive.errors import ConfigError
@@ -230,6 +235,25 @@ class _Accumulator:
             chosen = torch.randperm(rows.shape[1], generator=self.generator)[:count].to(rows.device)
             self.kept.append(rows[:, chosen].to(self.dtype))
 
+    def reduce_over_processes(self) -> None:
+        """Sum the Gram matrices and counts over all processes; gather the kept rows (collectives)."""
+        weight = self.layer.weight
+        groups = int(getattr(self.layer, "groups", 1))
+        fan_in = int(weight[0].numel())
+        if self.square_sum is None:  # this process saw no rows: contribute zeros
+            self.square_sum = torch.zeros(groups, fan_in, dtype=self.dtype, device=weight.device)
+            if self.explicit:
+                self.gram = torch.zeros(groups, fan_in, fan_in, dtype=self.dtype, device=weight.device)
+        sums = [self.square_sum, self.gram] if self.explicit else [self.square_sum]
+        reduced = dist_tools.all_reduce_tensors(sums)
+        self.square_sum = reduced[0]
+        if self.explicit:
+            self.gram = reduced[1]
+        else:
+            local = torch.cat(self.kept, dim=1) if self.kept else torch.zeros(groups, 0, fan_in, dtype=self.dtype, device=weight.device)
+            self.kept = [dist_tools.all_gather_rows(local, dim=1)]
+        self.rows, self.examples = (int(value) for value in dist_tools.all_reduce_numbers([self.rows, self.examples], dtype=torch.int64))
+
     def result(self) -> LayerCovariance:
         if self.rows == 0:
             raise ConfigError(f"layer {self.name!r} saw no inputs in the forward pass; it is not used by the model's forward")
@@ -259,16 +283,20 @@ def layer_input_covariances(
     ignored_layers=None,
     batch_size: int = 128,
     seed: int = 0,
+    distributed: bool | None = None,
 ) -> dict[str, LayerCovariance]:
     """G of every chosen layer (default: the prunable conv and linear layers), one forward pass per batch.
 
     Layers with ``fan_in > max_fan_in`` get the product form, keeping about ``max_rows``
-    input rows drawn uniformly per batch (``seed``).
+    input rows drawn uniformly per batch (``seed``). ``distributed``: ``None`` reduces over the
+    processes when a group runs (``data`` is then this process's shard), ``False`` does not.
     """
+    reduce = dist_tools.resolve(distributed)
     chosen = _select_layers(model, layers, ignored_layers)
     device, model_dtype = parameter_device_dtype([layer.weight for layer in chosen.values()])
     batches = prepare_batches(data, num_batches, device, model_dtype, batch_size=batch_size)
-    rows_per_call = max(1, math.ceil(max_rows / len(batches)))
+    total_batches = dist_tools.all_reduce_int(len(batches)) if reduce else len(batches)
+    rows_per_call = max(1, math.ceil(max_rows / total_batches))
     accumulators = {
         name: _Accumulator(name, layer, dtype, layer.weight[0].numel() <= max_fan_in, rows_per_call, seed + index)
         for index, (name, layer) in enumerate(chosen.items())
@@ -281,6 +309,9 @@ def layer_input_covariances(
     finally:
         for handle in handles:
             handle.remove()
+    if reduce:
+        for accumulator in accumulators.values():
+            accumulator.reduce_over_processes()
     return {name: accumulator.result() for name, accumulator in accumulators.items()}
 
 

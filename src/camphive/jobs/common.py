@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from camphive import data as datasets
-from camphive import models
+from camphive import distributed, models
 
 
 def seed_everything(seed: int) -> None:
@@ -89,3 +89,17 @@ def calibration_batches(name: str, root: str | None, samples: int, batch_size: i
     dataset = datasets.load(name, root=root, split="train", transform="eval", **options)
     samples = min(samples, len(dataset))
     return list(datasets.loader(dataset, batch_size=batch_size, subset=samples, random_subset=True, seed=seed))
+
+
+def calibration_share(batches: list, mode: str = "unstructured", options: dict | None = None) -> list:
+    """This process's calibration batches under torchrun (all of them in one process).
+
+    Unstructured pruning and the spectrum reduce every curvature quantity (HVPs, gradients,
+    Fisher, layer covariances) over the processes, so each process takes a shard. Structured
+    pruning (channel activations, Torch-Pruning's gradients) and BatchNorm recalibration are
+    still computed per process, so there every process takes all the batches: the same result
+    on every process, without a speed-up.
+    """
+    if mode != "unstructured" or (options or {}).get("recalibrate_bn"):
+        return batches
+    return distributed.shard_batches(batches)

@@ -1,9 +1,14 @@
-"""``camphive evaluate``: accuracy of a checkpoint on a dataset split."""
+"""``camphive evaluate``: accuracy of a checkpoint on a dataset split.
+
+Under torchrun each process evaluates its shard and the counts are summed, so the metrics are
+those of one process; rank 0 alone writes ``out``.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 from camphive import data as datasets
+from camphive import distributed
 from camphive.checkpoints import load_checkpoint
 from camphive.errors import ConfigError
 from camphive.pruning.masks import sparsity_of
@@ -16,6 +21,7 @@ def evaluate_job(*, checkpoint: str | Path, dataset: str | None = None, data_roo
     """Evaluate the model stored at ``checkpoint`` on ``dataset`` (default: the one it was trained on)."""
     from camphive.runs import RunFolder
 
+    distributed.init_from_environment()
     stored = load_checkpoint(checkpoint)
     dataset = dataset or stored.metadata.get("dataset")
     if not dataset:
@@ -30,4 +36,5 @@ def evaluate_job(*, checkpoint: str | Path, dataset: str | None = None, data_roo
         run.write_config({"command": "evaluate", "checkpoint": str(checkpoint), "dataset": dataset,
                           "split": split, "subset": subset})
         run.write_json("metrics.json", metrics)
+        distributed.barrier()
     return metrics

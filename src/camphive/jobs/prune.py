@@ -4,6 +4,12 @@ Resumable: every completed pruning cycle is saved (``cycle.safetensors``, with m
 the pruned model (``pruned.safetensors``), then each fine-tuning epoch (``model.safetensors``
 plus ``finetune_state.pt``). ``resume=True`` continues from the last of these and ends with
 the same result as an uninterrupted run with the same seed.
+
+Under torchrun every process loads the checkpoint and the same calibration set, takes its
+share of it (unstructured pruning: curvature reduced over the processes, see
+``jobs.common.calibration_share``), prunes, checks that all processes reached the same masks
+and weights, and fine-tunes with DDP; rank 0 alone writes. Resuming needs ``out`` on a
+filesystem every process can read.
 """
 from __future__ import annotations
 
@@ -12,9 +18,10 @@ import time
 from pathlib import Path
 
 from camphive import data as datasets
+from camphive import distributed
 from camphive.checkpoints import load_checkpoint, load_training_state, save_checkpoint, save_training_state
 from camphive.errors import ConfigError
-from camphive.jobs.common import calibration_batches, machine_description, seed_everything
+from camphive.jobs.common import calibration_batches, calibration_share, machine_description, seed_everything
 from camphive.pruning import prune
 from camphive.runs import RunFolder, timestamp
 from camphive.training import TrainState, evaluate, finetune
@@ -49,6 +56,7 @@ def prune_job(
     ``options`` go to :func:`camphive.prune` (score, curvature, pairing, merge, cycles, ...).
     """
     settings = {key: value for key, value in locals().items()}
+    distributed.init_from_environment()
     started = time.perf_counter()
     stored = load_checkpoint(checkpoint)
     dataset = dataset or stored.metadata.get("dataset")
@@ -60,32 +68,39 @@ def prune_job(
         raise ConfigError("pass --sparsity (fraction of channels) or --target-macs-ratio (e.g. 2.0) for structured pruning")
     seed_everything(seed)
     calib = calibration_batches(dataset, data_root, calib_samples, calib_batch_size, seed)
+    options = dict(options or {})
+    if options.get("num_batches"):  # limit the whole calibration set before it is shared out
+        calib = calib[: int(options.pop("num_batches"))]
+    calib_counts = {"num_batches": len(calib), "num_samples": sum(int(inputs.shape[0]) for inputs, _ in calib)}
+    calib = calibration_share(calib, mode, options)
     test = datasets.loader(datasets.load(dataset, root=data_root, split="test"), batch_size=512)
     run = RunFolder.create(out, overwrite=overwrite, resume=resume)
     log = run.logger()
-    if not resume or not run.file("config.yaml").is_file():
+    if not resume or not distributed.on_rank_zero(run.file("config.yaml").is_file):
         run.write_config({"command": "prune", **settings, "dataset": dataset, "started": timestamp(),
-                          "machine": machine_description()})
+                          "machine": machine_description(), **distributed.describe()})
     metadata = {key: value for key, value in stored.metadata.items() if key not in ("format", "arch")}
-    progress = run.read_json(PROGRESS_FILE) if resume and run.file(PROGRESS_FILE).is_file() else {}
+    progress = distributed.on_rank_zero(
+        lambda: run.read_json(PROGRESS_FILE) if resume and run.file(PROGRESS_FILE).is_file() else {})
     model = stored.model
     if "dense" not in progress:
         progress["dense"] = evaluate(model, test, device=device)
         run.write_json(PROGRESS_FILE, progress)
     log.info("dense accuracy %.4f", progress["dense"]["accuracy"])
 
-    if resume and run.file(PRUNED_FILE).is_file():
+    if resume and distributed.on_rank_zero(run.file(PRUNED_FILE).is_file):
         saved = load_checkpoint(run.file(PRUNED_FILE))
         model, masks = saved.model, saved.masks
         log.info("resuming after pruning")
     else:
         model, masks = _prune(model, stored.masks, calib, run, log, progress, metadata, resume, sparsity=sparsity,
                               mode=mode, criterion=criterion, target_macs_ratio=target_macs_ratio, seed=seed,
-                              options=options or {})
+                              options=options, calib_counts=calib_counts)
         progress["pruned"] = evaluate(model, test, device=device)
         run.write_json(PROGRESS_FILE, progress)
-        save_checkpoint(run.file(PRUNED_FILE), model, masks, **metadata, pruning=progress["prune"]["config"])
-        save_checkpoint(run.file("model.safetensors"), model, masks, **metadata, pruning=progress["prune"]["config"])
+        if run.writer:
+            save_checkpoint(run.file(PRUNED_FILE), model, masks, **metadata, pruning=progress["prune"]["config"])
+            save_checkpoint(run.file("model.safetensors"), model, masks, **metadata, pruning=progress["prune"]["config"])
         log.info("pruned (%s, sparsity %.4f): accuracy %.4f", criterion, progress["prune"]["sparsity"],
                  progress["pruned"]["accuracy"])
 
@@ -99,37 +114,46 @@ def prune_job(
                "seconds": time.perf_counter() - started}
     run.write_json("results.json", results)
     run.close()
+    distributed.barrier()  # every process returns once rank 0's files are complete
     return results
 
 
 def _prune(model, masks, calib, run, log, progress, metadata, resume, *, sparsity, mode, criterion,
-           target_macs_ratio, seed, options):
+           target_macs_ratio, seed, options, calib_counts):
     """Run the pruning cycles, saving each completed cycle; resume from the last one saved."""
     extra = dict(options)
     if target_macs_ratio is not None:
         extra["target_macs_ratio"] = target_macs_ratio
     if mode == "unstructured":
-        if resume and run.file(CYCLE_FILE).is_file():
+        if resume and distributed.on_rank_zero(run.file(CYCLE_FILE).is_file):
             saved = load_checkpoint(run.file(CYCLE_FILE))
             model, masks = saved.model, saved.masks
             extra["start_cycle"] = saved.metadata["cycle"]
             log.info("resuming after pruning cycle %d", saved.metadata["cycle"])
 
         def on_cycle_end(cycle, cycle_masks, record):
-            save_checkpoint(run.file(CYCLE_FILE), model, cycle_masks, **metadata, cycle=cycle)
+            distributed.check_same_on_all_ranks(cycle_masks, f"pruning masks after cycle {cycle}")
+            if run.writer:
+                save_checkpoint(run.file(CYCLE_FILE), model, cycle_masks, **metadata, cycle=cycle)
             log.info("cycle %d done: sparsity %.4f", cycle, record["sparsity"])
 
         extra["on_cycle_end"] = on_cycle_end
     result = prune(model, calib, sparsity, mode=mode, criterion=criterion, masks=masks or None, seed=seed, **extra)
+    final_masks = result.masks if mode == "unstructured" else {}
+    distributed.check_same_on_all_ranks({**{f"mask.{name}": mask for name, mask in final_masks.items()},
+                                         **{f"model.{name}": value for name, value in model.state_dict().items()}},
+                                        "pruned models")
+    if distributed.is_distributed():  # record the run's calibration set, not this process's share
+        result.config.update(calib_counts, processes=distributed.world_size())
     progress["prune"] = json.loads(json.dumps(result.to_dict(), default=str))
-    return model, (result.masks if mode == "unstructured" else {})
+    return model, final_masks
 
 
 def _finetune(model, masks, dataset, data_root, test, run, log, metadata, progress, resume, *, epochs, lr,
               batch_size, train_subset, device, seed):
     """Masked fine-tuning with a resumable state file after every epoch."""
     state = None
-    if resume and run.file(STATE_FILE).is_file():
+    if resume and distributed.on_rank_zero(run.file(STATE_FILE).is_file):
         saved = load_training_state(run.file(STATE_FILE))
         model.load_state_dict(saved["model"])
         state = TrainState(epoch=saved["epoch"], optimizer=saved["optimizer"], scheduler=saved["scheduler"],
@@ -140,6 +164,8 @@ def _finetune(model, masks, dataset, data_root, test, run, log, metadata, progre
                              random_subset=train_subset is not None)
 
     def on_epoch_end(record, train_state):
+        if not run.writer:
+            return
         save_training_state(run.file(STATE_FILE), {
             "model": model.state_dict(), "epoch": train_state.epoch, "optimizer": train_state.optimizer,
             "scheduler": train_state.scheduler, "history": json.dumps(train_state.history)})

@@ -1,9 +1,14 @@
-"""``camphive train``: dense training of a model on a dataset, resumable."""
+"""``camphive train``: dense training of a model on a dataset, resumable.
+
+Under ``torchrun --nproc_per_node=N -m camphive train ...`` every process trains its shard of
+the data with DistributedDataParallel (``batch_size`` per process) and only rank 0 writes.
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from camphive import distributed
 from camphive.checkpoints import load_training_state, save_checkpoint, save_training_state
 from camphive.errors import ConfigError
 from camphive.jobs.common import checkpoint_metadata, load_splits, loaders, machine_description, model_for, seed_everything
@@ -44,6 +49,7 @@ def train_job(
     ``resume=True`` continues a stopped run in ``out`` to the same result.
     """
     settings = {key: value for key, value in locals().items() if key != "config"}
+    distributed.init_from_environment()
     # Everything that can fail on bad input happens before the run folder is made.
     seed_everything(seed)
     splits = load_splits(dataset, data_root)
@@ -54,18 +60,20 @@ def train_job(
     state = None
     if resume:
         state_path = run.file(STATE_FILE)
-        if not state_path.is_file():
+        if not distributed.on_rank_zero(state_path.is_file):
             raise ConfigError(f"nothing to resume in {run.path}: {STATE_FILE} is missing; start the run without --resume")
-        saved = load_training_state(state_path)
+        saved = load_training_state(state_path)  # every process loads it (the run folder must be shared)
         network.load_state_dict(saved["model"])
         state = TrainState(epoch=saved["epoch"], optimizer=saved["optimizer"], scheduler=saved["scheduler"],
                            history=json.loads(saved["history"]))
         log.info("resuming at epoch %d", state.epoch)
     run.write_config({"command": "train", **settings, **(config or {}), "started": timestamp(),
-                      "machine": machine_description()})
+                      "machine": machine_description(), **distributed.describe()})
     metadata = checkpoint_metadata(splits, seed=seed)
 
     def on_epoch_end(record, train_state: TrainState) -> None:
+        if not run.writer:
+            return
         # The state file carries the weights too, so it alone decides where a resume starts.
         save_training_state(run.file(STATE_FILE), {
             "model": network.state_dict(), "epoch": train_state.epoch, "optimizer": train_state.optimizer,
@@ -81,10 +89,12 @@ def train_job(
                    label_smoothing=label_smoothing, eval_data=test_loader, device=device, seed=seed,
                    amp=amp, state=state, on_epoch_end=on_epoch_end)
     final = evaluate(network, test_loader, device=device)
-    save_checkpoint(run.file("model.safetensors"), network, epoch=epochs, test=final, **metadata)
+    if run.writer:
+        save_checkpoint(run.file("model.safetensors"), network, epoch=epochs, test=final, **metadata)
     metrics = {"test": final, "train": result.to_dict(), "checkpoint": str(run.file("model.safetensors"))}
     run.write_json("metrics.json", metrics)
     log.info("done: test accuracy %.4f", final["accuracy"])
     run.close()
+    distributed.barrier()  # every process returns once rank 0's files are complete
     return metrics
 

@@ -115,17 +115,41 @@ def uniform_kept(groups: list[ChannelGroup], original: dict[str, int], fraction:
 
 def uniform_kept_for_macs(groups, original, macs_model: MacsModel, target_macs: float, round_to, min_channels
                           ) -> tuple[dict[str, int], float]:
-    """The smallest uniform fraction whose predicted MACs are <= ``target_macs`` (bisection)."""
-    low, high = 0.0, 1.0
-    if macs_model.predict(uniform_kept(groups, original, 0.0, round_to, min_channels)) <= target_macs:
-        return uniform_kept(groups, original, 0.0, round_to, min_channels), 0.0
-    for _ in range(40):
-        middle = 0.5 * (low + high)
-        if macs_model.predict(uniform_kept(groups, original, middle, round_to, min_channels)) <= target_macs:
-            high = middle
-        else:
-            low = middle
-    return uniform_kept(groups, original, high, round_to, min_channels), high
+    """Channel counts, and the uniform fraction, whose predicted MACs are <= ``target_macs``.
+
+    The fraction is the smallest that reaches the target (bisection). With ``round_to``,
+    rounding every group to its nearest multiple can overshoot far (a 16-channel group
+    keeps 8 or 16), so counts are first rounded *up* from the exact uniform ones and then
+    lowered, one multiple at a time, in the groups that are furthest above their uniform
+    count, until the target is reached: the result stays as uniform as the multiples allow
+    and close to the target.
+    """
+    def fraction_reaching(rounding) -> float:
+        if macs_model.predict(uniform_kept(groups, original, 0.0, rounding, min_channels)) <= target_macs:
+            return 0.0
+        low, high = 0.0, 1.0
+        for _ in range(40):
+            middle = 0.5 * (low + high)
+            if macs_model.predict(uniform_kept(groups, original, middle, rounding, min_channels)) <= target_macs:
+                high = middle
+            else:
+                low = middle
+        return high
+
+    fraction = fraction_reaching(None)
+    exact = uniform_kept(groups, original, fraction, None, min_channels)
+    if not round_to or round_to <= 1:
+        return exact, fraction
+    sizes = {group.key: group.size for group in groups}
+    floors = {key: max(round_to, minimum_kept(original.get(key, sizes[key]), min_channels)) for key in sizes}
+    kept = {key: min(sizes[key], -(-count // round_to) * round_to) for key, count in exact.items()}
+    while macs_model.predict(kept) > target_macs:
+        lowerable = [key for key in kept if kept[key] - round_to >= floors[key] and kept[key] % round_to == 0]
+        if not lowerable:  # the multiples cannot reach the target this way: fall back to nearest rounding
+            return uniform_kept(groups, original, fraction_reaching(round_to), round_to, min_channels), fraction
+        key = max(lowerable, key=lambda k: (kept[k] / max(exact[k], 1), sizes[k]))
+        kept[key] -= round_to
+    return kept, fraction
 
 
 def _global_order(groups: list[ChannelGroup], scores: list[torch.Tensor]) -> list[tuple[float, str]]:

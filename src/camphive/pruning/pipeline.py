@@ -85,7 +85,7 @@ def prune(
     first_order_weight: float = 0.0,
     recovery_steps: int = 0,
     recovery_lr: float = 1e-3,
-    recalibrate_bn: bool = False,
+    recalibrate_bn: bool | None = None,
     min_keep: float | int = 0.01,
     ignored_layers=None,
     loss_fn=None,
@@ -133,10 +133,18 @@ def prune(
     if mode == "structured":
         from camphive.pruning.structured import prune_structured
 
+        if selection != "global" or min_keep != 0.01 or masks:
+            raise ConfigError("selection, min_keep and masks apply to unstructured pruning; for structured pruning use "
+                              "global_pruning, min_channels and ignored_layers")
+        weight_options = {key: value for key, value in (("score", score), ("curvature", curvature),
+                          ("loss_weighting", loss_weighting), ("first_order_weight", first_order_weight or None))
+                          if value is not None}
+        if weight_options:
+            structured_options["criterion_options"] = {**weight_options, **structured_options.get("criterion_options", {})}
         return prune_structured(model, batches, sparsity, criterion=criterion, loss_fn=loss_fn, seed=seed,
-                                num_batches=num_batches, ignored_layers=ignored_layers, example_inputs=example_inputs,
+                                ignored_layers=ignored_layers, example_inputs=example_inputs,
                                 cycles=cycles or 1, merge=merge, pairing=pairing, damping=damping,
-                                **structured_options)
+                                recalibrate_bn=recalibrate_bn, **structured_options)
     if mode != "unstructured":
         raise ConfigError(f"unknown mode {mode!r}; use unstructured or structured")
     if structured_options:
@@ -167,7 +175,8 @@ def prune(
         check_masks(model, masks)
     alive = {name: (masks[name].clone().bool() if masks and name in masks else torch.ones_like(p, dtype=torch.bool))
              for name, p in params.items()}
-    example = example_inputs if example_inputs is not None else batches[0][0][:1]
+    device = next(iter(params.values())).device
+    example = (example_inputs if example_inputs is not None else batches[0][0][:1]).to(device)
     before = _summary(model, example)
     _check_finite(params, "before pruning")
     settings = {"top_k": top_k, "scope": scope, "damping": damping, "eigen_method": eigen_method,
@@ -212,7 +221,7 @@ def prune(
     global_sparsity, layer_sparsity = sparsity_of(alive)
     config = {"mode": mode, "criterion": criterion, **scorer.describe(), "sparsity": sparsity, "scope": scope,
               "selection": selection, "cycles": cycles, "schedule": schedule, "top_k": top_k, "pairing": pairing,
-              "merge": merge, "recovery_steps": recovery_steps, "recalibrate_bn": recalibrate_bn, "min_keep": min_keep,
+              "merge": merge, "recovery_steps": recovery_steps, "recalibrate_bn": bool(recalibrate_bn), "min_keep": min_keep,
               "damping": damping, "clip": clip, "eigen_method": eigen_method, "hutchinson_probes": hutchinson_probes,
               "loss_diagonal": loss_diagonal, "num_batches": len(batches),
               "num_samples": sum(int(x.shape[0]) for x, _ in batches), "spectrum_top_k": spectrum_top_k, "seed": seed}
