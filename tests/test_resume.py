@@ -58,10 +58,22 @@ def test_ctrl_c_during_training_then_resume_matches_an_uninterrupted_run(tmp_pat
     _assert_same(tmp_path / "full" / "model.safetensors", tmp_path / "cut" / "model.safetensors")
 
 
-@pytest.fixture
-def dense_checkpoint(tmp_path):
-    train_job(dataset="synthetic", epochs=1, batch_size=64, out=tmp_path / "dense", device="cpu")
-    return tmp_path / "dense" / "model.safetensors"
+@pytest.fixture(scope="module")
+def dense_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("resume") / "dense"
+    train_job(dataset="synthetic", epochs=1, batch_size=64, out=out, device="cpu")
+    return out / "model.safetensors"
+
+
+PRUNE_SETTINGS = dict(sparsity=0.8, calib_samples=64, finetune_epochs=2, train_subset=128, device="cpu",
+                      options={"cycles": 3})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, dense_checkpoint):
+    """One uninterrupted prune + fine-tune run: the reference every interrupted run must reproduce."""
+    out = tmp_path_factory.mktemp("resume") / "full"
+    return out, prune_job(out=out, checkpoint=dense_checkpoint, **PRUNE_SETTINGS)
 
 
 def _interrupt_after(monkeypatch, file_name, calls):
@@ -81,16 +93,14 @@ def _interrupt_after(monkeypatch, file_name, calls):
 
 
 @pytest.mark.parametrize("stop_at", [("cycle.safetensors", 1), ("cycle.safetensors", 3), ("model.safetensors", 2)])
-def test_prune_and_finetune_resume_to_the_same_result(tmp_path, dense_checkpoint, monkeypatch, stop_at):
-    settings = dict(checkpoint=dense_checkpoint, sparsity=0.8, calib_samples=64, finetune_epochs=2,
-                    train_subset=128, device="cpu", options={"cycles": 3})
-    full = prune_job(out=tmp_path / "full", **settings)
+def test_prune_and_finetune_resume_to_the_same_result(tmp_path, dense_checkpoint, uninterrupted, monkeypatch, stop_at):
+    full_folder, full = uninterrupted
     _interrupt_after(monkeypatch, *stop_at)
     with pytest.raises(KeyboardInterrupt):
-        prune_job(out=tmp_path / "cut", **settings)
+        prune_job(out=tmp_path / "cut", checkpoint=dense_checkpoint, **PRUNE_SETTINGS)
     monkeypatch.undo()
-    resumed = prune_job(out=tmp_path / "cut", resume=True, **settings)
-    _assert_same(tmp_path / "full" / "model.safetensors", tmp_path / "cut" / "model.safetensors")
+    resumed = prune_job(out=tmp_path / "cut", checkpoint=dense_checkpoint, resume=True, **PRUNE_SETTINGS)
+    _assert_same(full_folder / "model.safetensors", tmp_path / "cut" / "model.safetensors")
     assert resumed["finetuned"] == full["finetuned"] and resumed["pruned"] == full["pruned"]
 
 

@@ -98,3 +98,54 @@ def test_grouped_reconstruction_view_uses_each_units_group():
     left = torch.randn(4, 3, dtype=torch.float64)
     expected = torch.stack([left[r] @ (first if r < 2 else second) @ left[r] for r in range(4)])
     assert torch.allclose(view.bilinear("w", left, left), expected)
+
+
+def _explicit_least_squares(weights, matrices, pruned, kept):
+    expected = weights.clone()
+    for r in range(weights.shape[0]):
+        S, P = kept[r].nonzero().flatten(), pruned[r].nonzero().flatten()
+        if len(S) and len(P):
+            expected[r, S] += torch.linalg.solve(matrices[r][S][:, S], matrices[r][S][:, P] @ weights[r, P])
+        expected[r, P] = 0
+    return expected
+
+
+def test_views_restrict_and_apply_their_unit_matrices_exactly():
+    generator = torch.Generator().manual_seed(3)
+    values = torch.tensor([2.0, -0.5, 1.0], dtype=torch.float64)
+    vectors = torch.randn(3, 6, 5, generator=generator, dtype=torch.float64)
+    residual = torch.rand(6, 5, generator=generator, dtype=torch.float64)
+    grouped = torch.stack([gaussian_covariance(5, seed=4), gaussian_covariance(5, seed=5)])
+    rows = torch.tensor([5, 0, 3, 2])
+    cols = torch.tensor([[4, 1, 2], [0, 3, 4], [2, 1, 0], [3, 0, 1]])
+    probes = torch.randn(4, 5, generator=generator, dtype=torch.float64)
+    for view in (LowRankLossCurvature(values, {"w": vectors}, {"w": residual}, damping=0.1),
+                 ReconstructionCurvature({"w": grouped}, damping=0.1),
+                 ReconstructionCurvature({"w": grouped[0]}, damping=0.1)):
+        matrices = view.unit_matrices("w", 6, rows)
+        expected = torch.stack([matrices[i][cols[i]][:, cols[i]] for i in range(4)])
+        assert torch.allclose(view.submatrices("w", 6, rows, cols), expected)
+        assert torch.allclose(view.times("w", 6, rows, probes), torch.einsum("nij,nj->ni", matrices, probes))
+
+
+def test_least_squares_merge_is_exact_for_every_view_side_and_chunking():
+    generator = torch.Generator().manual_seed(6)
+    fan_in = 12
+    values = torch.tensor([2.0, 1.0], dtype=torch.float64)
+    vectors = torch.randn(2, 8, fan_in, generator=generator, dtype=torch.float64)
+    residual = torch.rand(8, fan_in, generator=generator, dtype=torch.float64) + 0.1
+    grouped = torch.stack([gaussian_covariance(fan_in, seed=7), gaussian_covariance(fan_in, seed=8)])
+    for fraction in (0.15, 0.5, 0.85):  # few pruned (solved on the complement), half, most (on the kept set)
+        weights = torch.randn(8, fan_in, generator=generator, dtype=torch.float64)
+        draw = torch.rand(8, fan_in, generator=generator)
+        pruned = draw < fraction
+        earlier = (draw > 0.95) & ~pruned  # pruned in an earlier cycle: neither kept nor touched
+        kept = ~pruned & ~earlier
+        for view in (LowRankLossCurvature(values, {"w": vectors}, {"w": residual}, damping=0.0),
+                     ReconstructionCurvature({"w": grouped}, damping=0.0)):
+            expected = _explicit_least_squares(weights, view.unit_matrices("w", 8, torch.arange(8)), pruned, kept)
+            for chunk_elements in (1, 2**22):  # one unit per chunk, and all at once
+                merged = weights.clone()
+                least_squares_merge(merged, view, "w", pruned, kept, chunk_elements=chunk_elements)
+                assert torch.allclose(merged, expected, atol=1e-9), (fraction, type(view).__name__)
+                assert torch.equal(merged[earlier], weights[earlier])

@@ -70,45 +70,77 @@ def pair_merge(matrix: torch.Tensor, curvature, name: str, pruned_now: torch.Ten
 
 @torch.no_grad()
 def least_squares_merge(matrix: torch.Tensor, curvature, name: str, pruned_now: torch.Tensor, kept: torch.Tensor,
-                        chunk_elements: int = 2**24) -> None:
+                        chunk_elements: int = 2**22) -> None:
     """Fold every weight pruned now into all kept weights of its unit: ``dW_S = Hhat_SS^-1 Hhat_SP w_P``.
 
-    Solved per unit on the kept set only (``|S| x |S|`` systems, padded per chunk), in
-    float64, so high sparsity makes it cheap. The pruned entries are zeroed afterwards.
+    Solved per unit in float64 on whichever side is smaller: the kept set S (``|S| x |S|``
+    systems), or, when the view shares an inverse across units (the reconstruction view),
+    its complement Q = not S, by the same minimiser written with ``Hinv = Hhat^-1``:
+    ``dW = -Hinv_{:,Q} (Hinv_QQ)^-1 t_Q`` with ``t = w`` on the weights pruned now and 0 on
+    those already zero. Units are chunked by width (padding masked). Pruned entries are
+    zeroed afterwards; weights neither kept nor pruned now are never changed.
     """
     out_units, fan_in = matrix.shape
     pruned_now, kept = pruned_now.bool(), kept.bool()
     units = (pruned_now.any(1) & kept.any(1)).nonzero(as_tuple=True)[0]
-    if units.numel():
-        units = units[kept[units].sum(1).argsort()]  # similar sizes share a chunk: less padding
+    kept_counts = kept[units].sum(1)
+    if curvature.has_shared_inverse(name):
+        dual = fan_in - kept_counts < kept_counts
+    else:
+        dual = torch.zeros_like(kept_counts, dtype=torch.bool)
+    for use_dual in (False, True):
+        chosen = units[dual == use_dual]
+        widths = (fan_in - kept_counts[dual == use_dual]) if use_dual else kept_counts[dual == use_dual]
+        widths, order = widths.sort()  # similar widths share a chunk: less padding
+        chosen, widths = chosen[order], widths.tolist()
         start = 0
-        while start < units.numel():
-            # Units are sorted by kept count, so a chunk is sized by its last (widest) unit.
-            guess = units[start : start + 64]
-            width = max(1, int(kept[guess].sum(1).max()))
-            step = max(1, chunk_elements // (width * fan_in))
-            chunk = units[start : start + step]
-            _solve_chunk(matrix, curvature, name, out_units, chunk, pruned_now[chunk], kept[chunk])
+        while start < len(widths):
+            # Sorted by width, a chunk's memory is set by its last (widest) unit.
+            step = _chunk_size(widths[min(start + 63, len(widths) - 1)], fan_in, chunk_elements)
+            step = min(step, _chunk_size(widths[min(start + step, len(widths)) - 1], fan_in, chunk_elements))
+            chunk = chosen[start : start + step]
+            solve = _solve_on_complement if use_dual else _solve_on_kept
+            solve(matrix, curvature, name, out_units, chunk, pruned_now[chunk], kept[chunk])
             start += step
     matrix[pruned_now] = 0
 
 
-def _solve_chunk(matrix, curvature, name, out_units, rows, pruned_now, kept) -> None:
-    device = matrix.device
-    width = int(kept.sum(1).max())
-    # Kept columns of each unit first (in column order); the padding beyond |S| is masked.
-    order = torch.sort((~kept).to(torch.int8), dim=1, stable=True).indices[:, :width]
-    valid = torch.arange(width, device=device)[None, :] < kept.sum(1, keepdim=True)
-    gathered_rows = curvature.unit_rows(name, out_units, rows, order).to(torch.float64)  # (n, width, d)
-    system = gathered_rows.gather(2, order[:, None, :].expand(-1, width, -1))  # (n, width, width)
-    pruned_weights = matrix[rows].to(torch.float64) * pruned_now  # (n, d)
-    right = torch.einsum("nkd,nd->nk", gathered_rows, pruned_weights)
+def _chunk_size(width: int, fan_in: int, chunk_elements: int) -> int:
+    return max(1, chunk_elements // (width * width + fan_in))
+
+
+def _leading(members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column indices with each row's members first (in column order), and which are real (not padding)."""
+    width = int(members.sum(1).max())
+    order = torch.sort((~members).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    valid = torch.arange(width, device=members.device)[None, :] < members.sum(1, keepdim=True)
+    return order, valid
+
+
+def _padded_solve(system: torch.Tensor, right: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     mask = valid[:, :, None] & valid[:, None, :]
-    system = system * mask + torch.diag_embed((~valid).to(torch.float64))
-    solution = _solve_positive_definite(system, right * valid) * valid  # (n, width)
-    update = torch.zeros(rows.numel(), matrix.shape[1], dtype=torch.float64, device=device)
+    system = system.to(torch.float64) * mask + torch.diag_embed((~valid).to(torch.float64))
+    return _solve_positive_definite(system, right * valid) * valid
+
+
+def _solve_on_kept(matrix, curvature, name, out_units, rows, pruned_now, kept) -> None:
+    order, valid = _leading(kept)
+    pruned_weights = matrix[rows].to(torch.float64) * pruned_now  # (n, d)
+    right = curvature.times(name, out_units, rows, pruned_weights).to(torch.float64).gather(1, order)  # Hhat_SP w_P
+    solution = _padded_solve(curvature.submatrices(name, out_units, rows, order), right, valid)
+    update = torch.zeros(rows.numel(), matrix.shape[1], dtype=torch.float64, device=matrix.device)
     update.scatter_add_(1, order, solution)
     matrix[rows] += update.to(matrix.dtype)
+
+
+def _solve_on_complement(matrix, curvature, name, out_units, rows, pruned_now, kept) -> None:
+    order, valid = _leading(~kept)
+    targets = (matrix[rows].to(torch.float64) * pruned_now).gather(1, order)  # t_Q
+    system = curvature.inverse_submatrices(name, out_units, rows, order)
+    multipliers = torch.zeros(rows.numel(), matrix.shape[1], dtype=torch.float64, device=matrix.device)
+    multipliers.scatter_add_(1, order, _padded_solve(system, targets, valid))
+    update = -curvature.inverse_times(name, out_units, rows, multipliers).to(torch.float64)
+    matrix[rows] += (update * kept).to(matrix.dtype)
 
 
 def _solve_positive_definite(system: torch.Tensor, right: torch.Tensor) -> torch.Tensor:

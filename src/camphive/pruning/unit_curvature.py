@@ -32,6 +32,21 @@ class UnitCurvature:
         """``(n, fan_in)``: row ``cols[i]`` of unit ``rows[i]``'s matrix."""
         return self.unit_rows(name, out_units, rows, cols[:, None])[:, 0]
 
+    def submatrices(self, name: str, out_units: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """``(n, m, m)``: unit ``rows[i]``'s matrix restricted to the distinct indices ``cols[i, :]``."""
+        gathered = self.unit_rows(name, out_units, rows, cols)
+        return gathered.gather(2, cols[:, None, :].expand(-1, cols.shape[1], -1))
+
+    def times(self, name: str, out_units: int, rows: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """``(n, fan_in)``: ``Hhat_r v`` for unit ``rows[i]`` and vector ``vectors[i]``."""
+        everything = torch.arange(vectors.shape[1], device=vectors.device).expand(rows.numel(), -1)
+        gathered = self.unit_rows(name, out_units, rows, everything)
+        return torch.einsum("nij,nj->ni", gathered, vectors.to(gathered.dtype))
+
+    def has_shared_inverse(self, name: str) -> bool:
+        """Whether ``inverse_submatrices``/``inverse_times`` are cheap (one inverse shared by many units)."""
+        return False
+
     def bilinear(self, name: str, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """``(out_units,)``: ``left_r^T Hhat_r right_r`` for every unit (inputs ``(out_units, fan_in)``)."""
         raise NotImplementedError
@@ -44,6 +59,7 @@ class ReconstructionCurvature(UnitCurvature):
 
     def __init__(self, covariances: Mapping[str, torch.Tensor], damping: float = 0.01):
         self.damping = damping
+        self._cached_inverse: tuple[str | None, torch.Tensor | None] = (None, None)
         self._matrices: dict[str, torch.Tensor] = {}
         for name, matrix in covariances.items():
             matrix = matrix if matrix.ndim == 3 else matrix.unsqueeze(0)
@@ -69,6 +85,39 @@ class ReconstructionCurvature(UnitCurvature):
         matrices = self._matrices[name]
         return matrices[self._groups_of(name, rows, out_units)[:, None], cols]
 
+    def submatrices(self, name: str, out_units: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        groups = self._groups_of(name, rows, out_units)
+        return self._matrices[name][groups[:, None, None], cols[:, :, None], cols[:, None, :]]
+
+    def times(self, name: str, out_units: int, rows: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        return self._apply(self._matrices[name], self._groups_of(name, rows, out_units), vectors)
+
+    @staticmethod
+    def _apply(matrices: torch.Tensor, groups: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        vectors = vectors.to(matrices.dtype)
+        if matrices.shape[0] == 1:
+            return vectors @ matrices[0]  # symmetric
+        return torch.einsum("nj,nij->ni", vectors, matrices[groups])
+
+    def has_shared_inverse(self, name: str) -> bool:
+        return True
+
+    def _inverse(self, name: str) -> torch.Tensor:
+        """``Hhat^-1`` per group in float64, kept for the last layer asked (one layer at a time)."""
+        if self._cached_inverse[0] != name:
+            matrices = self._matrices[name].double()
+            self._cached_inverse = (name, torch.cholesky_inverse(torch.linalg.cholesky(matrices)))
+        return self._cached_inverse[1]
+
+    def inverse_submatrices(self, name: str, out_units: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """``(n, m, m)``: ``Hhat^-1`` of unit ``rows[i]`` restricted to the distinct indices ``cols[i, :]``."""
+        groups = self._groups_of(name, rows, out_units)
+        return self._inverse(name)[groups[:, None, None], cols[:, :, None], cols[:, None, :]]
+
+    def inverse_times(self, name: str, out_units: int, rows: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """``(n, fan_in)``: ``Hhat_r^-1 v`` for unit ``rows[i]`` and vector ``vectors[i]``."""
+        return self._apply(self._inverse(name), self._groups_of(name, rows, out_units), vectors)
+
     def unit_matrices(self, name: str, out_units: int, rows: torch.Tensor) -> torch.Tensor:
         """``(n, fan_in, fan_in)``: the full matrix of each unit in ``rows`` (an expanded view when shared)."""
         matrices = self._matrices[name]
@@ -85,9 +134,8 @@ class ReconstructionCurvature(UnitCurvature):
 
     def inverse_diagonal(self, name: str, out_units: int) -> torch.Tensor:
         """``(out_units, fan_in)``: ``[Hhat_r^-1]_jj`` (for OBS saliencies)."""
-        matrices = self._matrices[name].double()
-        inverse = torch.cholesky_inverse(torch.linalg.cholesky(matrices))
-        rows = torch.arange(out_units, device=matrices.device)
+        inverse = self._inverse(name)
+        rows = torch.arange(out_units, device=inverse.device)
         return inverse.diagonal(dim1=-2, dim2=-1)[self._groups_of(name, rows, out_units)].to(self._matrices[name].dtype)
 
 
@@ -144,6 +192,26 @@ class LowRankLossCurvature(UnitCurvature):
         correction = diag[rows].gather(1, cols) - torch.einsum("k,knm->nm", values, picked**2) + shift
         result.scatter_add_(2, cols[:, :, None], correction[:, :, None])
         return result
+
+    def submatrices(self, name: str, out_units: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        vectors = self._vectors[name][:, rows, :]  # (k, n, d)
+        values = self._values[name].to(vectors)
+        picked = vectors.gather(2, cols[None].expand(vectors.shape[0], -1, -1))  # (k, n, m)
+        result = torch.einsum("k,kni,knj->nij", values, picked, picked)
+        diag, shift = self._diagonal[name]
+        correction = diag[rows].gather(1, cols) - torch.einsum("k,knm->nm", values, picked**2) + shift
+        result.diagonal(dim1=-2, dim2=-1).add_(correction)
+        return result
+
+    def times(self, name: str, out_units: int, rows: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        unit_vectors = self._vectors[name][:, rows, :]  # (k, n, d)
+        values = self._values[name].to(unit_vectors)
+        vectors = vectors.to(unit_vectors)
+        projections = (unit_vectors * vectors).sum(-1)  # (k, n)
+        low_rank = torch.einsum("k,kn,knd->nd", values, projections, unit_vectors)
+        diag, shift = self._diagonal[name]
+        low_rank_diag = torch.einsum("k,knd->nd", values, unit_vectors**2)
+        return low_rank + (diag[rows] - low_rank_diag + shift) * vectors
 
     def unit_matrices(self, name: str, out_units: int, rows: torch.Tensor) -> torch.Tensor:
         vectors = self._vectors[name][:, rows, :]  # (k, n, d)
