@@ -44,6 +44,27 @@ def append_results(title: str, body: str, path: Path = ROOT / "benchmarks" / "RE
     atomic_write_text(path, existing.rstrip("\n") + "\n" + section)
 
 
+def run_cli_timed(arguments: list[str], env: dict | None = None) -> float:
+    """Run ``python -m camphive ARGUMENTS`` as a user would; return the wall seconds (exit on failure)."""
+    import subprocess
+
+    command = [sys.executable, "-m", "camphive", *arguments]
+    started = time.perf_counter()
+    finished = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})})
+    wall = time.perf_counter() - started
+    if finished.returncode != 0:
+        raise SystemExit(f"camphive {arguments[0]} failed with exit code {finished.returncode}")
+    return wall
+
+
+def report_for_results(run_folder: Path) -> str:
+    """A run's ``report.md`` without its pictures (their paths are relative to the run folder)."""
+    report = (run_folder / "report.md").read_text()
+    report = "\n".join(line for line in report.splitlines() if not line.startswith("!["))
+    report = report.replace("\n# ", "\n### ", 1) if not report.startswith("# ") else "### " + report[2:]
+    return report + f"\n\nThe run folder ({run_folder}) also holds the plots and the full results.\n"
+
+
 def cache_dir() -> Path:
     path = Path(os.environ.get("CAMPHIVE_CACHE", Path.home() / ".cache" / "camphive")) / "benchmarks"
     path.mkdir(parents=True, exist_ok=True)
