@@ -252,3 +252,35 @@ def test_torchrun_train_smoke_only_rank_zero_writes(tmp_path):
     assert metrics["test"]["num_samples"] == 64  # the test shards of both processes, counted once
     assert out.joinpath("log.txt").read_text().count("done: test accuracy") == 1  # rank 1 logged nothing
     assert len(out.joinpath("metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_only_rank_zero_writes_files_unless_asked(tmp_path, monkeypatch):
+    from camphive import runs
+    from camphive.distributed import group
+
+    monkeypatch.setattr(group, "is_main_process", lambda: False)
+    assert runs.atomic_write_text(tmp_path / "skipped.txt", "x") == tmp_path / "skipped.txt"
+    runs.atomic_write_bytes(tmp_path / "forced.bin", b"y", every_process=True)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["forced.bin"]
+
+
+def test_torchrun_compare_and_export_write_once_from_rank_zero(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [
+        str(__import__("pathlib").Path(distributed.__file__).parents[1]), os.environ.get("PYTHONPATH")]))}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "camphive"]
+    out = tmp_path / "compare"
+    compare = [*launch, "compare", "--dataset", "synthetic", "--criteria", "camp-hive,magnitude", "--sparsities", "0.5",
+               "--dense-epochs", "1", "--finetune-epochs", "1", "--train-subset", "64", "--test-subset", "64",
+               "--calib-samples", "32", "--spectrum-top-k", "1", "--device", "cpu", "--out", str(out)]
+    completed = subprocess.run(compare, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    written = {path.name for path in out.iterdir()}
+    assert {"report.md", "report.html", "results.json", "dense.safetensors", "convergence.png"} <= written
+    assert not [name for name in written if name.endswith(".tmp")]
+    for criterion in ("camp-hive", "magnitude"):  # one process appended the events, not two
+        events = [json.loads(line)["event"] for line in (out / "logs" / f"{criterion}.jsonl").read_text().splitlines()]
+        assert events.count("pruned") == 1
+    exported = subprocess.run([*launch, "export", "--checkpoint", str(out / "dense.safetensors"),
+                               "--onnx", str(tmp_path / "m.onnx")], env=env, capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(("m.onnx", ".m.onnx"))] == ["m.onnx"]

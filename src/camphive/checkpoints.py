@@ -39,7 +39,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, masks: dict | None = Non
 
     The architecture is taken from ``model.camphive_arch`` when the model was made by
     ``camphive.models.create``; a user's own model is saved too, and reloads with
-    ``load_checkpoint(path, model=MyModel())``.
+    ``load_checkpoint(path, model=MyModel())``. Under torchrun only rank 0 writes.
     """
     tensors = {MODEL_PREFIX + name: value.detach().cpu().contiguous().clone()
                for name, value in model.state_dict().items()}

@@ -247,6 +247,8 @@ def export_command(
         except ValueError as error:
             raise ConfigError(f"--input-shape {input_shape!r} is not C,H,W integers, e.g. 3,32,32") from error
     result = export_job(checkpoint=checkpoint, onnx=onnx, input_shape=shape, fold_batchnorm=fold_batchnorm, opset=opset)
+    if result is None:  # under torchrun, another process (rank 0) exported
+        return
     _echo_metrics(f"exported {checkpoint} -> {onnx}", {"max abs difference vs torch": result["max_abs_diff"],
                                                       "bytes": result["file_size_bytes"]})
 

@@ -19,8 +19,19 @@ import yaml
 from camphive.errors import CamphiveError, ConfigError
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+def atomic_write_bytes(path: str | Path, data: bytes, *, every_process: bool = False) -> Path:
+    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``.
+
+    A failure leaves the previous file intact. Under torchrun only rank 0 writes (the other
+    processes hold the same results and return the path without touching the disk), unless
+    ``every_process``.
+    """
     path = Path(path)
+    if not every_process:
+        from camphive.distributed.group import is_main_process
+
+        if not is_main_process():
+            return path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

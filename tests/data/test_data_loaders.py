@@ -98,3 +98,31 @@ def test_batch_loader_restores_the_thread_setting(dataset):
     for _ in TensorBatchLoader(dataset, batch_size=10, threads=1):
         seen.append(torch.get_num_threads())  # the caller's code runs with its own setting
     assert seen == [before] * 5 and torch.get_num_threads() == before
+
+
+def test_only_accelerators_and_datasets_that_fit_are_held_on_the_device(dataset):
+    from camphive.data.loaders import device_resident
+
+    assert not device_resident(dataset, None) and not device_resident(dataset, "cpu")
+    assert device_resident(dataset, torch.device("cuda"))  # the decision alone: nothing is moved here
+    assert not device_resident(dataset, torch.device("cuda"), max_bytes=dataset.images.numel() - 1)
+    assert not device_resident(list(loader(dataset, batch_size=8)), torch.device("cuda"))  # not in memory as one tensor
+
+
+def _augmented_batches(device):
+    train = load("synthetic", num_samples=40, num_classes=4, shape=(3, 32, 32), seed=0)
+    train.transform = default_transform("cifar10", train=True)  # crop + flip + normalize, drawn per image
+    torch.manual_seed(5)
+    return [(inputs.cpu(), targets.cpu()) for inputs, targets in
+            TensorBatchLoader(train, batch_size=16, shuffle=True, seed=3, device=device)]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_device_resident_loader_yields_the_batches_of_the_host_loader(device):
+    host = _augmented_batches(None)
+    resident = _augmented_batches(device)
+    assert len(host) == len(resident) == 3
+    for (inputs, targets), (other_inputs, other_targets) in zip(host, resident):
+        assert torch.equal(targets, other_targets)
+        assert torch.allclose(inputs, other_inputs, atol=1e-6)

@@ -6,6 +6,7 @@ the global ones; the trace is Hutchinson's estimate with Rademacher probes.
 """
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ from camphive.curvature.eigen import DEFAULT_EIGEN_METHOD, EigenResult, top_eige
 from camphive.curvature.hutchinson import TraceEstimate, hutchinson_trace
 from camphive.curvature.hvp import DEFAULT_HVP_METHOD, HessianOperator
 from camphive.errors import ConfigError
+from camphive.runs import atomic_write_bytes
 
 
 @dataclass
@@ -125,5 +127,7 @@ def plot_convergence(result: SpectrumResult | EigenResult, path) -> None:
         if axis.lines:
             axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
     plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())

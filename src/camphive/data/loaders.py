@@ -7,6 +7,7 @@ transform to the batch at once.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -15,6 +16,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from camphive.data.base import TensorImageDataset
 from camphive.errors import ConfigError
+
+# In-memory datasets up to this size (the stored pixels, e.g. uint8) are held on the GPU
+# during training and evaluation: Fashion-MNIST is 47 MB, CIFAR-10 150 MB.
+GPU_RESIDENT_MAX_BYTES = 2 * 1024**3
 
 
 @contextmanager
@@ -42,6 +47,10 @@ class TensorBatchLoader:
     ``None`` keeps torch's setting). These ops take well under a millisecond, and on a
     busy machine splitting them over threads made an epoch of Fashion-MNIST 30x slower
     (38 s instead of 1.2 s on 2 shared cores), while one thread costs little when idle.
+
+    ``device``: hold the images and labels there (copied once) and gather, augment and
+    normalise each batch there: for a GPU, no host-to-device copy per step. The random
+    choices are still drawn on the CPU, so the batches equal those of a CPU loader.
     """
 
     def __init__(
@@ -53,12 +62,13 @@ class TensorBatchLoader:
         indices: Sequence[int] | torch.Tensor | None = None,
         drop_last: bool = False,
         threads: int | None = 1,
+        device: torch.device | str | None = None,
     ):
         if not dataset.supports_batches:
             raise ConfigError(f"{dataset.name}'s transform {dataset.transform!r} cannot transform batches; use a DataLoader")
         if batch_size <= 0:
             raise ConfigError(f"batch_size must be positive, got {batch_size}")
-        self.source = dataset
+        self.source = dataset if device is None else _on_device(dataset, torch.device(device))
         self.indices = torch.arange(len(dataset)) if indices is None else torch.as_tensor(indices, dtype=torch.int64)
         self.dataset = dataset if indices is None else Subset(dataset, self.indices.tolist())
         self.batch_size = int(batch_size)
@@ -82,6 +92,34 @@ class TensorBatchLoader:
 
     def __repr__(self) -> str:
         return f"TensorBatchLoader({self.source.name}, samples={self.indices.numel()}, batch_size={self.batch_size}, shuffle={self.shuffle})"
+
+
+def _on_device(dataset: TensorImageDataset, device: torch.device) -> TensorImageDataset:
+    """A shallow copy of ``dataset`` whose image and label tensors live on ``device``."""
+    if dataset.images.device == device:
+        return dataset
+    moved = copy.copy(dataset)
+    moved.images, moved.labels = dataset.images.to(device), dataset.labels.to(device)
+    return moved
+
+
+def _model_device(device) -> torch.device | None:
+    """``device`` as jobs give it (``auto``, ``cuda``...), made this process's device (its GPU under torchrun)."""
+    if device is None:
+        return None
+    from camphive.devices import resolve_device
+    from camphive.distributed.group import process_device
+
+    return process_device(resolve_device(device))
+
+
+def device_resident(dataset: Dataset, device: torch.device | str | None, max_bytes: int = GPU_RESIDENT_MAX_BYTES) -> bool:
+    """Whether ``loader`` keeps ``dataset`` on ``device``: an accelerator, in-memory data that fits ``max_bytes``."""
+    if device is None or torch.device(device).type == "cpu":
+        return False
+    if not (isinstance(dataset, TensorImageDataset) and dataset.supports_batches):
+        return False
+    return dataset.images.numel() * dataset.images.element_size() <= max_bytes
 
 
 def subset_indices(size: int, subset: int | Sequence[int] | None, random_subset: bool, seed: int) -> list[int] | None:
@@ -112,6 +150,7 @@ def loader(
     drop_last: bool = False,
     random_subset: bool = False,
     batched: bool | None = None,
+    device: torch.device | str | None = None,
 ):
     """Batches of ``dataset``: shuffled when ``train``, in a repeatable order given ``seed``.
 
@@ -120,6 +159,8 @@ def loader(
     (default: whenever the dataset is in memory, its transform handles batches and
     ``num_workers == 0``); otherwise a ``torch.utils.data.DataLoader``. Both yield
     ``(inputs, targets)`` tensors and expose ``dataset``, ``batch_size`` and ``len()``.
+    ``device``: where the model runs; on a GPU, a batch-wise loader of a dataset that fits
+    (:func:`device_resident`) keeps the data there and yields batches already on it.
     """
     if batch_size <= 0:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
@@ -132,7 +173,10 @@ def loader(
             "batched=True needs an in-memory camphive dataset whose transform supports batches, and num_workers=0"
         )
     if can_batch and batched is not False:
-        return TensorBatchLoader(dataset, batch_size, shuffle=train, seed=seed, indices=indices, drop_last=drop_last)
+        resident = _model_device(device)
+        resident = resident if device_resident(dataset, resident) else None
+        return TensorBatchLoader(dataset, batch_size, shuffle=train, seed=seed, indices=indices, drop_last=drop_last,
+                                 device=resident)
     return DataLoader(
         dataset if indices is None else Subset(dataset, indices),
         batch_size=batch_size,

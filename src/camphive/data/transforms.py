@@ -82,7 +82,7 @@ class Normalize:
                 f"Normalize has {self.mean.shape[0]} channel(s) but the image has shape {tuple(image.shape)}; "
                 "give one mean/std per channel"
             )
-        return (ToFloat()(image) - self.mean) / self.std
+        return (ToFloat()(image) - self.mean.to(image.device)) / self.std.to(image.device)
 
     def __repr__(self) -> str:
         return f"Normalize(mean={tuple(self.mean.flatten().tolist())}, std={tuple(self.std.flatten().tolist())})"
@@ -119,7 +119,8 @@ class RandomCrop:
         # 4-d advanced indexing): the window's flat pixel positions, per image.
         rows = (top[:, None] + torch.arange(crop_height))[:, :, None]
         cols = (left[:, None] + torch.arange(crop_width))[:, None, :]
-        positions = (rows * width + cols).reshape(count, 1, crop_height * crop_width)
+        # Drawn on the CPU whatever the images' device: the same augmentation on CPU and GPU.
+        positions = (rows * width + cols).reshape(count, 1, crop_height * crop_width).to(batch.device)
         channels = batch.shape[1]
         windows = batch.reshape(count, channels, height * width).gather(2, positions.expand(-1, channels, -1))
         return windows.reshape(count, channels, crop_height, crop_width)
@@ -145,7 +146,7 @@ class RandomHorizontalFlip:
             return image.flip(-1) if bool(flip[0]) else image
         if not bool(flip.any()):
             return batch
-        return torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+        return torch.where(flip[:, None, None, None].to(batch.device), batch.flip(-1), batch)
 
     def __repr__(self) -> str:
         return f"RandomHorizontalFlip(p={self.p})"

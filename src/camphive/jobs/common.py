@@ -47,11 +47,12 @@ def load_splits(name: str, root: str | None = None, **options) -> DataSplits:
 
 
 def loaders(splits: DataSplits, batch_size: int, seed: int, train_subset: int | None = None,
-            test_subset: int | None = None, num_workers: int = 0):
+            test_subset: int | None = None, num_workers: int = 0, device=None):
+    """Train and test loaders; on a GPU ``device`` small in-memory datasets are held there."""
     train_loader = datasets.loader(splits.train, batch_size=batch_size, train=True, seed=seed,
-                                   subset=train_subset, num_workers=num_workers)
+                                   subset=train_subset, num_workers=num_workers, device=device)
     test_loader = datasets.loader(splits.test, batch_size=max(batch_size, 256), train=False, seed=seed,
-                                  subset=test_subset, num_workers=num_workers)
+                                  subset=test_subset, num_workers=num_workers, device=device)
     return train_loader, test_loader
 
 

@@ -121,7 +121,7 @@ def compare_job(
     seed_everything(seed)
     splits = load_splits(dataset, data_root, **dataset_options)
     test_loader = datasets.loader(splits.test, batch_size=max(batch_size, 256), subset=test_subset,
-                                  num_workers=num_workers)
+                                  num_workers=num_workers, device=device_used)
     settings.update(criteria=criteria, targets=targets, target_kind=target_kind, dataset=splits.name, model=model,
                     dataset_options=dataset_options, prune_options=prune_options, camp_hive_options=camp_hive_options,
                     latency_batch_sizes=latency_batch_sizes, sparsities=parse_list(sparsities, float, "sparsities"),
@@ -145,7 +145,7 @@ def compare_job(
         finetune_loader = datasets.loader(splits.train, batch_size=batch_size, train=True, seed=seed,
                                           subset=finetune_subset or train_subset,
                                           random_subset=(finetune_subset or train_subset) is not None,
-                                          num_workers=num_workers)
+                                          num_workers=num_workers, device=device_used)
         done = _finished_rows(run) if resume else {}
         rows = []
         for step, target in enumerate(targets):
@@ -176,7 +176,8 @@ def compare_job(
             "dense": {**dense, **_dense_size(dense_model, calib), "train": dense_train, "seconds": dense_seconds},
             "spectrum": spectrum_data, "rows": rows, "seconds": time.perf_counter() - started,
         }
-        results["headline"], results["files"] = write_reports(run, results)
+        # The HTML report embeds the plots read back from the run folder: rank 0's job alone.
+        results["headline"], results["files"] = write_reports(run, results) if run.writer else (None, None)
         run.write_json("results.json", results)
         log.info("%s", results["headline"])
         return results
@@ -229,7 +230,7 @@ def _dense_model(run: RunFolder, stored, model_name: str, splits, settings: dict
     network = model_for(model_name, splits)
     loader = datasets.loader(splits.train, batch_size=settings["batch_size"], train=True, seed=settings["seed"],
                              subset=settings["train_subset"], random_subset=settings["train_subset"] is not None,
-                             num_workers=settings["num_workers"])
+                             num_workers=settings["num_workers"], device=settings["device"])
     metadata = checkpoint_metadata(splits, seed=settings["seed"])
     state = None
     if settings["resume"] and run.file(DENSE_STATE).is_file():
@@ -335,9 +336,12 @@ def _run_one(run, dense_model, dense_masks, criterion, target, target_kind, opti
              finetune_loader, settings, device, scalars: Scalars, step: int) -> tuple[dict, object]:
     """Prune a copy of the dense model with one criterion, evaluate, fine-tune, evaluate: (row, pruned model)."""
     log_path = run.file(f"logs/{criterion}.jsonl")
-    log_path.parent.mkdir(exist_ok=True)
+    if run.writer:
+        log_path.parent.mkdir(exist_ok=True)
 
     def event(kind: str, **values) -> None:
+        if not run.writer:
+            return
         with log_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(_jsonable({"event": kind, "criterion": criterion, "target": target,
                                                "time": timestamp(), **values})) + "\n")

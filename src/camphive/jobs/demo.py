@@ -43,7 +43,7 @@ def dense_model(splits, epochs: int, seed: int, device: str, log) -> tuple:
             log.info("cache %s unusable (%s); training again", cached, error)
     seed_everything(seed)
     model = model_for(DEMO_MODEL, splits)
-    train_loader, _ = loaders(splits, batch_size=128, seed=seed)
+    train_loader, _ = loaders(splits, batch_size=128, seed=seed, device=device)
     result = train(model, train_loader, epochs, lr=0.05, weight_decay=5e-4, schedule="cosine", device=device, seed=seed)
     summary = result.to_dict()
     save_checkpoint(cached, model, train=summary, **checkpoint_metadata(splits, seed=seed))
@@ -62,14 +62,14 @@ def demo_job(*, out: str | Path | None = None, data_root: str | None = None, epo
                       "sparsities": list(sparsities), "criteria": list(criteria), "finetune_samples": finetune_samples,
                       "calib_samples": calib_samples, "device": device, "seed": seed, "model": DEMO_MODEL,
                       "dataset": DEMO_DATASET, "started": timestamp(), "machine": machine_description()})
-    _, test_loader = loaders(splits, batch_size=512, seed=seed)
+    _, test_loader = loaders(splits, batch_size=512, seed=seed, device=device)
     model, train_summary, from_cache = dense_model(splits, epochs, seed, device, log)
     dense = evaluate(model, test_loader, device=device)
     log.info("dense accuracy %.4f", dense["accuracy"])
     save_checkpoint(run.file("dense.safetensors"), model, **checkpoint_metadata(splits, seed=seed))
     calib = calibration_batches(DEMO_DATASET, data_root, calib_samples, 128, seed)
     finetune_loader = datasets.loader(splits.train, batch_size=128, train=True, seed=seed,
-                                      subset=finetune_samples, random_subset=True)
+                                      subset=finetune_samples, random_subset=True, device=device)
     rows = []
     for sparsity in sparsities:
         for criterion in criteria:

@@ -27,7 +27,7 @@ def evaluate_job(*, checkpoint: str | Path, dataset: str | None = None, data_roo
     if not dataset:
         raise ConfigError(f"checkpoint {checkpoint} does not record its dataset; pass --dataset")
     data = datasets.load(dataset, root=data_root, split=split)
-    metrics = evaluate(stored.model, datasets.loader(data, batch_size=batch_size, subset=subset), device=device)
+    metrics = evaluate(stored.model, datasets.loader(data, batch_size=batch_size, subset=subset, device=device), device=device)
     metrics.update({"checkpoint": str(checkpoint), "dataset": dataset, "split": split})
     if stored.masks:
         metrics["sparsity"] = sparsity_of(stored.masks)[0]

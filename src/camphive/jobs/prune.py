@@ -73,7 +73,7 @@ def prune_job(
         calib = calib[: int(options.pop("num_batches"))]
     calib_counts = {"num_batches": len(calib), "num_samples": sum(int(inputs.shape[0]) for inputs, _ in calib)}
     calib = calibration_share(calib, mode, options)
-    test = datasets.loader(datasets.load(dataset, root=data_root, split="test"), batch_size=512)
+    test = datasets.loader(datasets.load(dataset, root=data_root, split="test"), batch_size=512, device=device)
     run = RunFolder.create(out, overwrite=overwrite, resume=resume)
     log = run.logger()
     if not resume or not distributed.on_rank_zero(run.file("config.yaml").is_file):
@@ -161,7 +161,7 @@ def _finetune(model, masks, dataset, data_root, test, run, log, metadata, progre
         log.info("resuming fine-tuning at epoch %d", state.epoch)
     train_set = datasets.load(dataset, root=data_root, split="train")
     loader = datasets.loader(train_set, batch_size=batch_size, train=True, seed=seed, subset=train_subset,
-                             random_subset=train_subset is not None)
+                             random_subset=train_subset is not None, device=device)
 
     def on_epoch_end(record, train_state):
         if not run.writer:

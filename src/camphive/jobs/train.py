@@ -53,7 +53,7 @@ def train_job(
     # Everything that can fail on bad input happens before the run folder is made.
     seed_everything(seed)
     splits = load_splits(dataset, data_root)
-    train_loader, test_loader = loaders(splits, batch_size, seed, train_subset, test_subset, num_workers)
+    train_loader, test_loader = loaders(splits, batch_size, seed, train_subset, test_subset, num_workers, device)
     network = model_for(model, splits)
     run = RunFolder.create(out, overwrite=overwrite, resume=resume)
     log = run.logger()
