@@ -48,13 +48,16 @@ ABLATION = {
     "w²G_jj, loss-curvature pairs (top-20)": dict(criterion="camp-hive", score="diagonal", curvature="loss", top_k=20,
                                                   merge="curvature", pairing="coupled"),
     "w²G_jj, least squares, BN recalibrated": dict(criterion="camp-hive", merge="least_squares", recalibrate_bn=True),
+    "w²G_jj·(γ/σ)², least squares": dict(criterion="camp-hive", loss_weighting="batchnorm", merge="least_squares"),
+    "w²G_jj·(γ/σ)², least squares, BN recalibrated": dict(criterion="camp-hive", loss_weighting="batchnorm",
+                                                          merge="least_squares", recalibrate_bn=True),
 }
 
 
-def run_one(dense, calib, test, finetune_loader, sparsity, options, finetune_epochs, seed):
+def run_one(dense, calib, test, finetune_loader, sparsity, options, finetune_epochs, seed, spectrum_top_k=1):
     model = copy.deepcopy(dense)
     started = time.perf_counter()
-    result = prune(model, calib, sparsity, seed=seed, **options)
+    result = prune(model, calib, sparsity, seed=seed, spectrum_top_k=spectrum_top_k, **options)
     seconds = time.perf_counter() - started
     row = {"sparsity": sparsity, "pruned": accuracy(model, test), "seconds": seconds, "num_hvps": result.num_hvps,
            "achieved": result.sparsity}
@@ -87,12 +90,14 @@ def main(argv=None) -> None:
     parser.add_argument("--criteria", default=",".join(CRITERIA))
     parser.add_argument("--ablation", action="store_true", help="also run the CAMP-HiVe ablation")
     parser.add_argument("--ablation-sparsities", default="0.9,0.95,0.98")
-    parser.add_argument("--only", default=None, help="comma-separated ablation names to run")
+    parser.add_argument("--only", default=None, help="ablation names to run, separated by semicolons")
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--finetune-samples", type=int, default=None, help="fine-tune on N random training images")
     parser.add_argument("--calib-samples", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--spectrum-top-k", type=int, default=1,
+                        help="prune()'s sharpness measurement (two Lanczos runs, counted in 'prune s'); 0 skips it")
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to RESULTS.md")
     args = parser.parse_args(argv)
     if args.threads:
@@ -110,35 +115,39 @@ def main(argv=None) -> None:
                                       random_subset=args.finetune_samples is not None)
         partial = cache_dir() / f"unstructured-{model_name}-partial.json"
         results: dict = {}
-        for criterion in args.criteria.split(","):
+        for criterion in [name for name in args.criteria.split(",") if name]:
             results[criterion] = {}
             for s in sparsities:
                 results[criterion][str(s)] = run_one(dense, calib, test, finetune_loader, s, {"criterion": criterion},
-                                                     args.finetune_epochs, args.seed)
+                                                     args.finetune_epochs, args.seed, args.spectrum_top_k)
                 print(model_name, criterion, s, json.dumps(results[criterion][str(s)]), flush=True)
                 partial.write_text(json.dumps(results))
         ablation: dict = {}
         if args.ablation:
-            names = args.only.split(",") if args.only else list(ABLATION)
+            names = [name.strip() for name in args.only.split(";")] if args.only else list(ABLATION)
             ablation_sparsities = [float(s) for s in args.ablation_sparsities.split(",")]
             for name in names:
                 ablation[name] = {}
                 for s in ablation_sparsities:
                     ablation[name][str(s)] = run_one(dense, calib, test, finetune_loader, s, ABLATION[name],
-                                                     args.finetune_epochs, args.seed)
+                                                     args.finetune_epochs, args.seed, args.spectrum_top_k)
                     print(model_name, name, s, json.dumps(ablation[name][str(s)]), flush=True)
                     partial.write_text(json.dumps({"criteria": results, "ablation": ablation}))
         budget = (f"fine-tuning: {args.finetune_epochs} epoch(s) on "
                   f"{args.finetune_samples or len(train_set)} images, lr 0.01, masks enforced")
         body = (f"{model_name} on {args.dataset}, dense accuracy {dense_accuracy:.4f} after {args.dense_epochs} epoch(s) "
-                f"({per_epoch or 0:.0f} s/epoch); {args.calib_samples} calibration images; {budget}. "
-                f"Cells: accuracy right after pruning / after fine-tuning.\n\n"
-                f"### Criteria (defaults of each)\n\n{grid_table(results, sparsities)}")
+                f"({per_epoch or 0:.0f} s/epoch); {args.calib_samples} calibration images; {budget}; 'prune s' "
+                f"{'includes' if args.spectrum_top_k else 'excludes'} the sharpness measurement (spectrum_top_k="
+                f"{args.spectrum_top_k}). "
+                f"Cells: accuracy right after pruning / after fine-tuning.\n")
+        if results:
+            body += f"\n### Criteria (defaults of each)\n\n{grid_table(results, sparsities)}"
         if ablation:
             body += f"\n### Ablation\n\n{grid_table(ablation, [float(s) for s in args.ablation_sparsities.split(',')])}"
         print(body)
         if not args.no_write:
-            append_results(f"Unstructured pruning: {model_name} on {args.dataset}", body)
+            kind = "Unstructured pruning" if results else "Unstructured pruning, ablation only"
+            append_results(f"{kind}: {model_name} on {args.dataset}", body)
 
 
 if __name__ == "__main__":

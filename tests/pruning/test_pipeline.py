@@ -30,6 +30,7 @@ def test_no_layer_is_emptied_at_extreme_sparsity():
 
 @pytest.mark.parametrize("options", [
     {"score": "obs"}, {"loss_weighting": "unit"}, {"loss_weighting": "layer", "loss_diagonal": "hutchinson"},
+    {"loss_weighting": "batchnorm"},
     {"score": "diag_lowrank", "top_k": 3}, {"score": "hv_product", "top_k": 2},
     {"curvature": "loss", "merge": "least_squares", "top_k": 3},
     {"curvature": "loss", "merge": "curvature", "pairing": "coupled", "top_k": 3, "scope": "layer"},

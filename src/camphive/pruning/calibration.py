@@ -19,6 +19,7 @@ from camphive.curvature.eigen import top_eigenpairs
 from camphive.curvature.hvp import HessianOperator
 from camphive.curvature.reconstruction import layer_input_covariances
 from camphive.errors import NumericalError
+from camphive.pruning.output_scale import batchnorm_output_scale, normalizing_batchnorms
 from camphive.pruning.unit_curvature import LowRankLossCurvature, ReconstructionCurvature, unit_matrix
 
 
@@ -178,6 +179,16 @@ class CalibrationInfo:
         if mode == "layer":
             return per_unit.mean().expand(out_units)
         return per_unit.clamp_min(per_unit.mean() * 1e-3)
+
+    def output_scale(self, name: str) -> torch.Tensor:
+        """``(out_units,)``: the squared factor by which the BatchNorm reading this layer's output
+        scales each unit (ones where no BatchNorm does); see :mod:`camphive.pruning.output_scale`."""
+        norms = self._timed("batchnorms", lambda: normalizing_batchnorms(
+            self.model, self.batches[0][0].to(next(iter(self.params.values())).device), self.layer_names))
+        weight = self.params[name]
+        if name not in norms:
+            return torch.ones(weight.shape[0], device=weight.device)
+        return batchnorm_output_scale(norms[name]).to(weight.device)
 
     def close(self) -> None:
         """Free the cached autograd graphs and matrices (the model is about to change)."""

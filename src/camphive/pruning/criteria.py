@@ -88,7 +88,7 @@ class HutchinsonDiagonal(Criterion):
 
 
 CAMP_HIVE_SCORES = ("diagonal", "obs", "diag_lowrank", "hv_product")
-LOSS_WEIGHTINGS = ("none", "unit", "layer")
+LOSS_WEIGHTINGS = ("none", "unit", "layer", "batchnorm")
 
 
 class CampHive(Criterion):
@@ -103,7 +103,9 @@ class CampHive(Criterion):
     ``loss_weighting`` (reconstruction curvature only) multiplies unit r's scores by the loss
     curvature of its output, A_rr = sum_j diag(H)_rj / tr(G) (the Kronecker-factored reading
     diag(H) ~ A_rr G_jj), estimated per unit (``"unit"``) or per layer (``"layer"``), so that
-    reconstruction errors of different layers are weighed by what they cost the loss.
+    reconstruction errors of different layers are weighed by what they cost the loss;
+    ``"batchnorm"`` multiplies them instead by (gamma_r / sigma_r)^2 of the BatchNorm that reads
+    the unit's output (see :mod:`camphive.pruning.output_scale`), 1 where none does.
     ``first_order_weight`` adds that multiple of |g_i w_i|.
     """
 
@@ -128,7 +130,7 @@ class CampHive(Criterion):
             needs.add("eigenpairs")
         else:
             needs.add(curvature)
-        if loss_weighting != "none":
+        if loss_weighting in ("unit", "layer"):
             needs.add("loss_diagonal")
         self.needs = frozenset(needs)
 
@@ -154,7 +156,9 @@ class CampHive(Criterion):
                     score = matrix**2 / (2.0 * inverse)
                 else:
                     score = 0.5 * matrix**2 * view.diagonal(name, matrix.shape[0]).to(matrix)
-                if self.loss_weighting != "none":
+                if self.loss_weighting == "batchnorm":
+                    score = score * info.output_scale(name).to(matrix)[:, None]
+                elif self.loss_weighting != "none":
                     score = score * info.output_curvature(name, self.loss_weighting).to(matrix)[:, None]
                 result[name] = score.reshape(weight.shape)
         if self.first_order_weight:
