@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ def machine() -> str:
 
 
 def command_line() -> str:
-    return "python " + " ".join(sys.argv)
+    return "python " + shlex.join(sys.argv)
 
 
 def append_results(title: str, body: str, path: Path = ROOT / "benchmarks" / "RESULTS.md") -> None:

@@ -158,7 +158,7 @@ def prune_command(
     target_macs_ratio: Optional[float] = typer.Option(None, help="Structured: MACs reduction to reach, e.g. 2.0."),
     score: Optional[str] = typer.Option(None, help="camp-hive score: diagonal, obs, diag_lowrank, hv_product."),
     curvature: Optional[str] = typer.Option(None, help="reconstruction (layer G) or loss (Hessian eigenpairs)."),
-    loss_weighting: Optional[str] = typer.Option(None, help="none, unit or layer."),
+    loss_weighting: Optional[str] = typer.Option(None, help="batchnorm (default), none, unit or layer."),
     pairing: Optional[str] = typer.Option(None, help="cyclic or coupled."),
     merge: Optional[str] = typer.Option(None, help="curvature, half, none or least_squares."),
     cycles: Optional[int] = typer.Option(None, min=1),

@@ -31,7 +31,7 @@ from camphive.pruning.unit_curvature import unit_matrix
 DEFAULTS = {
     "score": "diagonal",
     "curvature": "reconstruction",
-    "loss_weighting": "none",
+    "loss_weighting": "batchnorm",
     "pairing": "coupled",
     "merge": "least_squares",
     "cycles": 1,
@@ -162,8 +162,12 @@ def prune(
     _check_choice("pairing", pairing, PAIRINGS)
     _check_choice("curvature", curvature, ("reconstruction", "loss"))
     _check_choice("scope", scope, ("global", "layer"))
-    options = {"score": score or DEFAULTS["score"], "curvature": curvature,
-               "loss_weighting": loss_weighting or DEFAULTS["loss_weighting"], "first_order_weight": first_order_weight}
+    score = score or DEFAULTS["score"]
+    if loss_weighting is None:  # the default weighting belongs to reconstruction scores only
+        reads_reconstruction = curvature == "reconstruction" and score in ("diagonal", "obs")
+        loss_weighting = DEFAULTS["loss_weighting"] if reads_reconstruction else "none"
+    options = {"score": score, "curvature": curvature, "loss_weighting": loss_weighting,
+               "first_order_weight": first_order_weight}
     scorer = make_criterion(criterion, seed=seed, **(options if is_camp_hive else {}))
 
     params = prunable_parameters(model, ignored_layers)
