@@ -45,6 +45,14 @@ def append_results(title: str, body: str, path: Path = ROOT / "benchmarks" / "RE
     atomic_write_text(path, existing.rstrip("\n") + "\n" + section)
 
 
+def publish(title: str, body: str, write: bool = True) -> None:
+    """Print a benchmark's tables and the machine; append them to RESULTS.md unless ``write`` is False."""
+    print(body)
+    print(machine())
+    if write:
+        append_results(title, body)
+
+
 def run_cli_timed(arguments: list[str], env: dict | None = None) -> float:
     """Run ``python -m camphive ARGUMENTS`` as a user would; return the wall seconds (exit on failure)."""
     import subprocess

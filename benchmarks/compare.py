@@ -11,7 +11,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from common import ROOT, append_results, machine, report_for_results, run_cli_timed
+from common import ROOT, publish, report_for_results, run_cli_timed
 
 
 def main(argv=None) -> None:
@@ -28,10 +28,7 @@ def main(argv=None) -> None:
     body = (f"`camphive compare --config {shown}`{' ' + ' '.join(args.extra) if args.extra else ''}: "
             f"**{wall / 60:.1f} minutes wall** for the whole run (dense training included).\n\n"
             f"{report_for_results(out)}")
-    print(body)
-    print(machine())
-    if not args.no_write:
-        append_results(f"camphive compare: {shown}", body)
+    publish(f"camphive compare: {shown}", body, write=not args.no_write)
 
 
 if __name__ == "__main__":

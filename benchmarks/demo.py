@@ -11,7 +11,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from common import append_results, machine, report_for_results, run_cli_timed
+from common import publish, report_for_results, run_cli_timed
 
 GOAL_MINUTES = 10
 
@@ -26,10 +26,7 @@ def main(argv=None) -> None:
     verdict = "meets" if wall < GOAL_MINUTES * 60 else "misses"
     body = (f"`camphive demo` with an empty cache: **{wall / 60:.1f} minutes wall**, dense training included "
             f"({verdict} the {GOAL_MINUTES}-minute goal).\n\n{report_for_results(out)}")
-    print(body)
-    print(machine())
-    if not args.no_write:
-        append_results("camphive demo", body)
+    publish("camphive demo", body, write=not args.no_write)
 
 
 if __name__ == "__main__":

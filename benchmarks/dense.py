@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from common import append_results, machine, test_batches
+from common import publish, test_batches
 from camphive import data, models
 from camphive.measure import count_macs, count_parameters
 from camphive.training import EpochRecord, train
@@ -70,10 +70,7 @@ def main(argv=None) -> None:
     body = (f"{args.dataset}, SGD lr {args.lr} (cosine over {args.epochs} epochs), batch 128, "
             f"{'all' if args.train_subset is None else args.train_subset} training images per epoch, seed {args.seed}; "
             f"test accuracy on the full test set after each epoch.\n\n{table(rows)}")
-    print(body)
-    print(machine())
-    if not args.no_write:
-        append_results(f"Dense training: {', '.join(args.models.split(','))} on {args.dataset}", body)
+    publish(f"Dense training: {', '.join(args.models.split(','))} on {args.dataset}", body, write=not args.no_write)
 
 
 if __name__ == "__main__":
