@@ -52,6 +52,8 @@ ABLATION = {
     "w²G_jj·(γ/σ)², least squares": dict(criterion="camp-hive", loss_weighting="batchnorm", merge="least_squares"),
     "w²G_jj·(γ/σ)², least squares, BN recalibrated": dict(criterion="camp-hive", loss_weighting="batchnorm",
                                                           merge="least_squares", recalibrate_bn=True),
+    "w²G_jj·(γ/σ)², least squares, 3 cycles": dict(criterion="camp-hive", loss_weighting="batchnorm",
+                                                   merge="least_squares", cycles=3),
 }
 
 

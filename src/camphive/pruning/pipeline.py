@@ -34,7 +34,7 @@ DEFAULTS = {
     "loss_weighting": "batchnorm",
     "pairing": "coupled",
     "merge": "least_squares",
-    "cycles": 1,
+    "cycles": 3,
 }
 
 
