@@ -75,7 +75,7 @@ def demo_job(*, out: str | Path | None = None, data_root: str | None = None, epo
         for criterion in criteria:
             pruned_model = copy.deepcopy(model)
             # No sharpness (top loss-Hessian eigenvalue before/after): the demo reports accuracy,
-            # and the two Lanczos runs per model would add about a third to its time.
+            # and the two Lanczos runs per model took about half of its time (measured).
             result = prune(pruned_model, calib, sparsity, criterion=criterion, seed=seed, spectrum_top_k=0)
             after_prune = evaluate(pruned_model, test_loader, device=device)
             finetune(pruned_model, finetune_loader, 1, masks=result.masks, lr=0.01, device=device, seed=seed)

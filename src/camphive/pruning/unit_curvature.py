@@ -159,13 +159,18 @@ class LowRankLossCurvature(UnitCurvature):
         self._vectors = {name: vectors.reshape(vectors.shape[0], vectors.shape[1], -1)
                          for name, vectors in eigenvectors.items()}
         self._diagonal = {}
+        # What the low-rank part misses on the diagonal (the residual diagonal and the damping),
+        # added to every product: (out_units, fan_in).
+        self._diagonal_rest = {}
         for name, vectors in self._vectors.items():
             values = self._values[name].to(vectors)
-            diag = torch.einsum("k,krj->rj", values, vectors**2)
+            low_rank_diag = torch.einsum("k,krj->rj", values, vectors**2)
+            diag = low_rank_diag
             if diagonal is not None and name in diagonal:
                 diag = diag + unit_matrix(diagonal[name]).to(diag).clamp_min(0)
             shift = damping * diag.abs().mean().clamp_min(torch.finfo(diag.dtype).tiny)
             self._diagonal[name] = (diag, shift)
+            self._diagonal_rest[name] = diag - low_rank_diag + shift
 
     def names(self) -> list[str]:
         return list(self._vectors)
@@ -177,11 +182,9 @@ class LowRankLossCurvature(UnitCurvature):
     def bilinear(self, name: str, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         vectors = self._vectors[name]
         values = self._values[name].to(vectors)
-        diag, shift = self._diagonal[name]
         left, right = left.to(vectors), right.to(vectors)
         low_rank = torch.einsum("k,kr,kr->r", values, (vectors * left).sum(-1), (vectors * right).sum(-1))
-        low_rank_diag = torch.einsum("k,krj->rj", values, vectors**2)
-        return low_rank + ((diag - low_rank_diag + shift) * left * right).sum(-1)
+        return low_rank + (self._diagonal_rest[name] * left * right).sum(-1)
 
     def unit_rows(self, name: str, out_units: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         vectors = self._vectors[name][:, rows, :]  # (k, n, d)
@@ -209,9 +212,7 @@ class LowRankLossCurvature(UnitCurvature):
         vectors = vectors.to(unit_vectors)
         projections = (unit_vectors * vectors).sum(-1)  # (k, n)
         low_rank = torch.einsum("k,kn,knd->nd", values, projections, unit_vectors)
-        diag, shift = self._diagonal[name]
-        low_rank_diag = torch.einsum("k,knd->nd", values, unit_vectors**2)
-        return low_rank + (diag[rows] - low_rank_diag + shift) * vectors
+        return low_rank + self._diagonal_rest[name][rows] * vectors
 
     def unit_matrices(self, name: str, out_units: int, rows: torch.Tensor) -> torch.Tensor:
         vectors = self._vectors[name][:, rows, :]  # (k, n, d)
