@@ -87,3 +87,24 @@ def test_prune_with_a_sparsity_that_empties_layers_is_refused(tmp_path):
                      "--min-keep", "0.05", "--calib-samples", "64", "--out", tmp_path / "p")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "would empty a layer" in result.stderr
+
+
+def test_structured_prune_from_the_command_line_rounds_channels_and_ignores_layers(tmp_path):
+    trained = tmp_path / "train"
+    assert run_cli("train", "--dataset", "synthetic", "--epochs", "1", "--out", trained).returncode == 0
+    pruned = tmp_path / "prune"
+    result = run_cli("prune", "--checkpoint", trained / "model.safetensors", "--mode", "structured",
+                     "--target-macs-ratio", "2", "--criterion", "magnitude", "--round-to", "8", "--ignored-layers",
+                     "conv1, fc1", "--latency-channels-last", "--calib-samples", "128", "--out", pruned)
+    assert result.returncode == 0, result.stderr
+    prune = json.loads((pruned / "results.json").read_text())["prune"]
+    assert prune["config"]["round_to"] == 8 and prune["config"]["ignored_layers"] == ["conv1", "fc1"]
+    assert prune["layer_sparsity"]["conv1"] == 0.0 and prune["layer_sparsity"]["fc1"] == 0.0
+    assert prune["channels"] and all(after % 8 == 0 and after < before for before, after in prune["channels"].values())
+    assert prune["macs_ratio"] >= 2.0 and prune["latency"]["channels_last"] is True
+    exported = run_cli("export", "--checkpoint", pruned / "model.safetensors", "--onnx", tmp_path / "m.onnx")
+    assert exported.returncode == 0, exported.stderr
+    bad = run_cli("prune", "--checkpoint", trained / "model.safetensors", "--mode", "structured", "--sparsity", "0.5",
+                  "--ignored-layers", "conv9", "--calib-samples", "64", "--out", tmp_path / "bad")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "conv9" in bad.stderr
+    assert not (tmp_path / "bad").exists()

@@ -113,11 +113,12 @@ def test_compare_from_a_checkpoint_in_structured_mode(tmp_path):
     settings = dict(TINY, dense_epochs=5, finetune_epochs=0, spectrum_top_k=0, dataset=None)  # from the checkpoint
     results = compare_job(**settings, out=tmp_path / "run", checkpoint=tmp_path / "dense.safetensors", mode="structured",
                           macs_ratios="2", criteria="tp-magnitude,camp-hive", latency_batch_sizes="1",
-                          latency_seconds=0.02)
+                          latency_seconds=0.02, latency_channels_last=True, prune_options="round_to=8")
     assert results["dense"]["train"] == {"checkpoint": str(tmp_path / "dense.safetensors")}
     for row in results["rows"]:
         assert row["macs_ratio"] >= 1.9 and row["finetuned"] is None
         assert row["latency_ms"] > 0 and row["speedup"] > 0 and row["latency_batch"] == 1
+        assert row["latency"]["channels_last"] is True
     assert results["headline"].startswith("At MACs reduction 2x, CAMP-HiVe keeps ")
     page = (tmp_path / "run" / "report.html").read_text()
     assert "speedup" in page and "after fine-tuning" not in page.split("<table>")[1]

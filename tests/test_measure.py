@@ -177,7 +177,7 @@ def test_latency_runs_are_interleaved_and_modes_restored():
         assert result.iqr_ms == pytest.approx(result.q75_ms - result.q25_ms)
         assert result.samples_per_second == pytest.approx(result.batch_size / result.median_ms * 1e3)
     assert report.get("a", 4).speedup == 1.0
-    assert set(report.to_dict()) == {"baseline", "device", "threads", "warmup", "results"}
+    assert set(report.to_dict()) == {"baseline", "device", "threads", "warmup", "results", "channels_last"}
 
 
 def test_latency_speedup_and_calibrated_repeats():
@@ -190,6 +190,36 @@ def test_latency_speedup_and_calibrated_repeats():
     assert 5 <= fast.repeats <= 40  # ~0.15 s / 8 ms per round, at least min_repeats
 
 
+class LayoutRecorder(nn.Module):
+    """A conv that records whether its input and weight were NHWC (channels_last) when called."""
+
+    def __init__(self, seen: list):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.record = lambda item: seen.append(item)  # a function: deep copies share it
+
+    def forward(self, x):
+        nhwc = torch.channels_last
+        self.record((x.is_contiguous(memory_format=nhwc), self.conv.weight.is_contiguous(memory_format=nhwc)))
+        return self.conv(x)
+
+
+def test_latency_channels_last_times_nhwc_copies_and_leaves_models_alone():
+    seen: list = []
+    model = LayoutRecorder(seen)
+    weight_before = model.conv.weight.detach().clone()
+    report = measure_latency({"m": model}, (3, 8, 8), batch_sizes=(2,), repeats=3, warmup=1, channels_last=True)
+    assert report.channels_last and len(seen) == 4
+    assert all(x_nhwc and w_nhwc for x_nhwc, w_nhwc in seen)  # a 2x3x8x8 NCHW tensor is not NHWC-contiguous
+    assert not model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(model.conv.weight, weight_before)
+    seen.clear()
+    measure_latency({"m": model}, (3, 8, 8), batch_sizes=(2,), repeats=3, warmup=1)
+    assert not any(x_nhwc or w_nhwc for x_nhwc, w_nhwc in seen)
+    with pytest.raises(ConfigError, match="channels_last"):
+        measure_latency(nn.Linear(3, 3), (3,), channels_last=True)
+
+
 def test_latency_rejects_bad_arguments():
     with pytest.raises(ConfigError):
         measure_latency({}, (3,))
@@ -197,3 +227,26 @@ def test_latency_rejects_bad_arguments():
         measure_latency(nn.Linear(3, 3), (3,), batch_sizes=(0,))
     with pytest.raises(ConfigError):
         measure_latency(nn.Linear(3, 3), (3,), repeats=0)
+
+
+def test_onnx_latency_times_exported_files_interleaved(tmp_path):
+    from camphive.export import export_onnx
+    from camphive.measure import measure_onnx_latency
+
+    torch.manual_seed(0)
+    small, large = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), nn.Sequential(nn.Conv2d(3, 64, 3), nn.ReLU(),
+                                                                                 nn.Conv2d(64, 64, 3))
+    files = {}
+    for name, model in (("large", large), ("small", small)):
+        files[name] = tmp_path / f"{name}.onnx"
+        export_onnx(model, files[name], torch.randn(1, 3, 16, 16))
+    report = measure_onnx_latency(files, (3, 16, 16), batch_sizes=(1, 8), repeats=5, warmup=1)
+    assert report.baseline == "large" and report.device == "cpu (onnxruntime)" and report.threads == 1
+    assert [(r.model, r.batch_size, r.repeats) for r in report.results] == [
+        (m, b, 5) for b in (1, 8) for m in ("large", "small")]
+    assert report.get("large", 8).speedup == 1.0
+    assert report.get("small", 8).speedup > 2.0  # ~100x fewer MACs; loosely, the machine is shared
+    with pytest.raises(ConfigError, match="does not exist"):
+        measure_onnx_latency({"gone": tmp_path / "gone.onnx"}, (3, 16, 16))
+    with pytest.raises(ConfigError, match="batch sizes"):
+        measure_onnx_latency(files, (3, 16, 16), batch_sizes=(0,))

@@ -13,7 +13,7 @@ from camphive import curvature, data, models
 from camphive.checkpoints import load_checkpoint, save_checkpoint
 from camphive.errors import CamphiveError, CheckpointError, ConfigError, DataError, NumericalError
 from camphive.export import export_onnx
-from camphive.measure import count_macs, count_parameters, measure_latency, model_summary
+from camphive.measure import count_macs, count_parameters, measure_latency, measure_onnx_latency, model_summary
 from camphive.pruning import PruneResult, prune
 from camphive.training import evaluate, finetune, train
 
@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "data", "models", "curvature", "train", "finetune", "evaluate", "prune", "PruneResult", "export_onnx",
-    "count_macs", "count_parameters", "measure_latency", "model_summary", "save_checkpoint", "load_checkpoint",
+    "count_macs", "count_parameters", "measure_latency", "measure_onnx_latency", "model_summary", "save_checkpoint",
+    "load_checkpoint",
     "CamphiveError", "ConfigError", "DataError", "CheckpointError", "NumericalError",
 ]

@@ -148,6 +148,11 @@ def _options(**values) -> dict:
     return {key: value for key, value in values.items() if value is not None}
 
 
+def _names(text: str | None) -> list[str] | None:
+    """A comma-separated list of names (None when not given)."""
+    return None if text is None else [name.strip() for name in text.split(",") if name.strip()]
+
+
 @app.command("prune")
 def prune_command(
     checkpoint: Path = typer.Option(..., help="model.safetensors to prune (from camphive train)."),
@@ -169,6 +174,15 @@ def prune_command(
     min_keep: Optional[float] = typer.Option(None, help="Per-layer floor: fraction (<1) or count."),
     damping: Optional[float] = typer.Option(None),
     recalibrate_bn: Optional[bool] = typer.Option(None, help="Re-estimate BatchNorm statistics after pruning."),
+    ignored_layers: Optional[str] = typer.Option(None, help="Comma-separated module names to leave unpruned."),
+    round_to: Optional[int] = typer.Option(None, min=1, help="Structured: keep channel counts in multiples of N "
+                                           "(8 runs faster on CPUs)."),
+    global_pruning: Optional[bool] = typer.Option(None, help="Structured: rank channels across layers (default: "
+                                                  "the same fraction of every layer)."),
+    min_channels: Optional[float] = typer.Option(None, help="Structured: channels every layer keeps (count, or "
+                                                 "fraction if < 1)."),
+    latency_channels_last: Optional[bool] = typer.Option(None, help="Structured: time the models in the NHWC "
+                                                         "layout (usually faster on CPUs)."),
     dataset: Optional[str] = typer.Option(None, help="Default: the dataset recorded in the checkpoint."),
     data_root: Optional[str] = typer.Option(None),
     calib_samples: int = typer.Option(1024, min=1, help="Calibration images drawn from the training split."),
@@ -186,7 +200,9 @@ def prune_command(
 
     options = _options(score=score, curvature=curvature, loss_weighting=loss_weighting, pairing=pairing,
                        merge=merge, cycles=cycles, schedule=schedule, selection=selection, scope=scope,
-                       top_k=top_k, min_keep=min_keep, damping=damping, recalibrate_bn=recalibrate_bn)
+                       top_k=top_k, min_keep=min_keep, damping=damping, recalibrate_bn=recalibrate_bn,
+                       ignored_layers=_names(ignored_layers), round_to=round_to, global_pruning=global_pruning,
+                       min_channels=min_channels, latency_channels_last=latency_channels_last)
     results = prune_job(checkpoint=checkpoint, out=out, sparsity=sparsity, mode=mode, criterion=criterion,
                         target_macs_ratio=target_macs_ratio, dataset=dataset, data_root=data_root,
                         calib_samples=calib_samples, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
@@ -292,6 +308,7 @@ def compare_command(
     latency: bool = typer.Option(True, help="Structured: time dense and pruned models (CPU, interleaved)."),
     latency_batch_sizes: str = typer.Option("1,64"),
     latency_seconds: float = typer.Option(1.0),
+    latency_channels_last: bool = typer.Option(False, help="Structured: time in the NHWC layout (usually faster on CPUs)."),
     device: str = DeviceOption,
     amp: bool = typer.Option(False, help="bfloat16 autocast on CUDA for training and fine-tuning."),
     seed: int = typer.Option(0),

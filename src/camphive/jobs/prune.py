@@ -23,6 +23,7 @@ from camphive.checkpoints import load_checkpoint, load_training_state, save_chec
 from camphive.errors import ConfigError
 from camphive.jobs.common import calibration_batches, calibration_share, machine_description, seed_everything
 from camphive.pruning import prune
+from camphive.pruning.channel_groups import resolve_ignored
 from camphive.runs import RunFolder, timestamp
 from camphive.training import TrainState, evaluate, finetune
 
@@ -66,9 +67,10 @@ def prune_job(
         raise ConfigError("pass --sparsity (fraction of weights to remove, e.g. 0.9)")
     if mode == "structured" and sparsity is None and target_macs_ratio is None:
         raise ConfigError("pass --sparsity (fraction of channels) or --target-macs-ratio (e.g. 2.0) for structured pruning")
+    options = dict(options or {})
+    resolve_ignored(stored.model, options.get("ignored_layers"))  # a misspelt name fails before any file is written
     seed_everything(seed)
     calib = calibration_batches(dataset, data_root, calib_samples, calib_batch_size, seed)
-    options = dict(options or {})
     if options.get("num_batches"):  # limit the whole calibration set before it is shared out
         calib = calib[: int(options.pop("num_batches"))]
     calib_counts = {"num_batches": len(calib), "num_samples": sum(int(inputs.shape[0]) for inputs, _ in calib)}
