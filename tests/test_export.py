@@ -229,3 +229,44 @@ def test_export_without_check_reports_no_difference(tmp_path):
     result = export_onnx(nn.Linear(3, 2), tmp_path / "linear.onnx", torch.randn(4, 3), check=False)
     assert result.max_abs_diff is None and result.onnxruntime_version is None
     assert result.checked_batch_sizes == [] and (tmp_path / "linear.onnx").stat().st_size == result.file_size_bytes
+
+
+class ShapeReadingPool(nn.Module):
+    """A custom layer whose forward reads its input's shape as ints (symbolic tracing cannot)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height = int(x.shape[-2])
+        return x[..., : height // 2, :].mean((-2, -1))
+
+
+class ResidualNetWithCustomPool(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.conv2, self.bn2 = nn.Conv2d(6, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.pool = ShapeReadingPool()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        return self.pool(torch.relu(self.bn2(self.conv2(x)) + x))
+
+
+def test_a_custom_layer_that_reads_shapes_does_not_stop_folding():
+    torch.manual_seed(3)
+    net = randomize_batchnorms(ResidualNetWithCustomPool())
+    assert conv_batchnorm_pairs(net) == [("conv1", "bn1"), ("conv2", "bn2")]
+    folded = fold_batchnorm(net)
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), net.eval()(x), atol=1e-5, rtol=0)
+
+
+def test_small_cnn_folds_all_three_batchnorms():
+    from camphive import models
+
+    torch.manual_seed(4)
+    model = randomize_batchnorms(models.create("small-cnn", num_classes=10, in_channels=1))
+    assert conv_batchnorm_pairs(model) == [("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")]
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(fold_batchnorm(model)(x), model.eval()(x), atol=1e-5, rtol=0)

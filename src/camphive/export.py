@@ -33,7 +33,9 @@ def conv_batchnorm_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """``(conv name, BN name)`` pairs where the BN reads the conv output and nothing else does.
 
     Found on the ``torch.fx`` graph, which sees residual branches: a conv whose output
-    also feeds a residual sum, or a module called more than once, is never paired. When
+    also feeds a residual sum, or a module called more than once, is never paired. Modules
+    without children are traced as opaque calls (their insides do not matter here, and a
+    custom layer whose forward reads its input's shape would otherwise stop the trace). When
     the model cannot be traced symbolically (data-dependent control flow), only adjacent
     ``(conv, BN)`` children of an ``nn.Sequential`` are paired: there the data flow is
     certain, whereas registration order elsewhere says nothing about it. A module whose
@@ -43,7 +45,7 @@ def conv_batchnorm_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """
     modules = dict(model.named_modules())
     try:
-        graph = fx.symbolic_trace(model).graph
+        graph = _ChildlessModulesAsLeaves().trace(model)
     except Exception:  # noqa: BLE001 - any tracing failure means: use the safe fallback
         return [pair for pair in _sequential_pairs(model) if _foldable(modules[pair[0]], modules[pair[1]])]
     calls: dict[str, int] = {}
@@ -64,6 +66,13 @@ def conv_batchnorm_pairs(model: nn.Module) -> list[tuple[str, str]]:
         if once and not {source.target, node.target} & read_directly and _foldable(modules[source.target], modules[node.target]):
             pairs.append((source.target, node.target))
     return pairs
+
+
+class _ChildlessModulesAsLeaves(fx.Tracer):
+    """A tracer that records every module without children as one call, custom or not."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return next(module.children(), None) is None or super().is_leaf_module(module, qualified_name)
 
 
 def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
