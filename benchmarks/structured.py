@@ -27,6 +27,7 @@ import argparse
 import copy
 import os
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("CAMPHIVE_CACHE", "/tmp/camphive-cache")
@@ -36,8 +37,8 @@ import torch  # noqa: E402
 
 from camphive import data, models  # noqa: E402
 from camphive.data.transforms import default_transform  # noqa: E402
-from camphive.export import fold_batchnorm  # noqa: E402
-from camphive.measure import count_macs, count_parameters, measure_latency  # noqa: E402
+from camphive.export import export_onnx, fold_batchnorm  # noqa: E402
+from camphive.measure import count_macs, count_parameters, measure_latency, measure_onnx_latency  # noqa: E402
 from camphive.pruning.pipeline import recalibrate_batchnorm  # noqa: E402
 from camphive.pruning.structured import prune_structured  # noqa: E402
 from camphive.training import evaluate, finetune  # noqa: E402
@@ -114,9 +115,21 @@ def method_section(args, evaluation: Evaluation) -> str:
     return "\n".join(lines)
 
 
-def latency_rows(models_by_name: dict, input_shape, threads: int, seconds: float, min_repeats: int = 15) -> dict:
-    report = measure_latency(models_by_name, input_shape, batch_sizes=(1, 64), threads=threads, target_seconds=seconds,
-                             min_repeats=min_repeats)
+LAYOUTS = ("NCHW", "NHWC", "onnxruntime")
+
+
+def latency_rows(models_by_name: dict, input_shape, args, layout: str, folder: str) -> dict:
+    """Interleaved medians at batch 1 and 64 in one layout: PyTorch NCHW, PyTorch NHWC (channels_last),
+    or the exported ONNX file in onnxruntime (which folds BatchNorm itself, so unfolded models only)."""
+    options = dict(batch_sizes=(1, 64), threads=args.threads, target_seconds=args.latency_seconds, min_repeats=15)
+    if layout == "onnxruntime":
+        files = {}
+        for label, model in models_by_name.items():
+            files[label] = os.path.join(folder, f"{len(files)}.onnx")
+            export_onnx(model, files[label], torch.randn(1, *input_shape))  # checked against PyTorch (1e-4)
+        report = measure_onnx_latency(files, input_shape, **options)
+    else:
+        report = measure_latency(models_by_name, input_shape, channels_last=layout == "NHWC", **options)
     return {(r.model, r.batch_size): r for r in report.results}
 
 
@@ -136,8 +149,8 @@ def criteria_section(args, evaluation: Evaluation) -> tuple[str, list[str]]:
             rows += [(label, c, o, goal_ratio) for label, (c, o) in ABLATIONS.items()]
         for label, criterion, options, row_ratios in rows:
             for ratio in row_ratios:
-                row = evaluation.prune_and_measure(dense, criterion, {"target_macs_ratio": ratio, **options},
-                                                   args.finetune_epochs)
+                row = evaluation.prune_and_measure(dense, criterion, {"target_macs_ratio": ratio, "round_to": args.round_to,
+                                                                      **options}, args.finetune_epochs)
                 shapes.setdefault(ratio, row.pop("model"))
                 table.setdefault(label, {})[ratio] = row
                 log(f"{name} {label} {ratio}x: {row['pruned']:.3f} / {row['recalibrated']:.3f} / "
@@ -146,7 +159,8 @@ def criteria_section(args, evaluation: Evaluation) -> tuple[str, list[str]]:
         lines.append(f"\n### {name} on Fashion-MNIST (dense {dense_accuracy:.4f}, {dense_macs / 1e6:.2f} M MACs, "
                      f"{count_parameters(dense) / 1e3:.0f} k parameters)\n")
         lines.append("Accuracy right after pruning / after BN recalibration on the calibration images / after "
-                     f"{args.finetune_epochs} fine-tune epoch(s) on {args.finetune_subset} images; uniform allocation; "
+                     f"{args.finetune_epochs} fine-tune epoch(s) on {args.finetune_subset} images; uniform allocation"
+                     f"{f', channel counts rounded to multiples of {args.round_to}' if args.round_to else ''}; "
                      "MACs ratio achieved in brackets:\n")
         header = "| criterion | " + " | ".join(f"{r:g}x" for r in ratios) + " |"
         lines += [header, "|---|" + "---|" * len(ratios)]
@@ -156,9 +170,13 @@ def criteria_section(args, evaluation: Evaluation) -> tuple[str, list[str]]:
                      if r in by_ratio else "" for r in ratios]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         verdicts += _accuracy_verdicts(name, table, ratios)
-        shapes = {f"{ratio:g}x": model for ratio, model in shapes.items()}
+        if not args.criteria_latency:
+            continue
+        rounding = f", round_to {args.round_to}" if args.round_to else ""
+        shapes = {f"{ratio:g}x{rounding}": model for ratio, model in shapes.items()}
         body, found = latency_table(name, dense, shapes, ratios, evaluation.calibration[:1], args,
-                                    "all criteria give the same shapes under uniform allocation")
+                                    "all criteria give the same shapes under uniform allocation",
+                                    add_rounded=not args.round_to)
         lines.append(body)
         verdicts += found
     return "\n".join(lines), verdicts
@@ -181,40 +199,58 @@ def _accuracy_verdicts(name: str, table: dict, ratios: list[float]) -> list[str]
     return verdicts
 
 
-def latency_table(name: str, dense, shapes: dict, ratios, calibration, args, note: str) -> tuple[str, list[str]]:
+def latency_table(name: str, dense, shapes: dict, ratios, calibration, args, note: str,
+                  add_rounded: bool = True) -> tuple[str, list[str]]:
     """Latency of ``dense`` and the pruned ``shapes``, plus the levers: ``round_to=8`` shapes for the same
-    targets and BatchNorm folding of every model; speed-ups against the dense model as trained (unfolded)."""
+    targets, BatchNorm folding of every model, the NHWC layout, and onnxruntime on the exported file.
+    Each speed-up is against the dense model in the same layout (folded against folded)."""
     candidates = {"dense": dense}
     for label, model in shapes.items():
         candidates[label] = model
-    for ratio in ratios:  # the round_to=8 lever: same target, channel counts in multiples of 8
+    for ratio in ratios if add_rounded else ():  # the round_to=8 lever: same target, counts in multiples of 8
         rounded = copy.deepcopy(dense)
         prune_structured(rounded, calibration, target_macs_ratio=ratio, criterion="magnitude", round_to=8,
                          measure_latency=False)
         candidates[f"{ratio:g}x, round_to 8"] = rounded
+    unfolded = dict(candidates)
     candidates.update({f"{label}, BN folded": fold_batchnorm(model) for label, model in list(candidates.items())})
     example = calibration[0][0][:1]
+    input_shape = tuple(example.shape[1:])
     macs = {label: count_macs(model, example).total for label, model in candidates.items()}
-    log(f"{name}: timing {len(candidates)} models")
-    timed = latency_rows(candidates, tuple(example.shape[1:]), args.threads, args.latency_seconds)
-    lines = [f"\nCPU latency of {name} ({note}), {args.threads} thread(s), interleaved medians; speed-up against the "
-             "dense model as trained (BN not folded); for BN-folded models, MACs reduction and the last column "
-             "(batch-64 speed-up / MACs reduction) are against the folded dense model:\n",
-             "| model | MACs reduction | batch 1 ms | speed-up | batch 64 ms | speed-up | ratio (64) |",
-             "|---|---|---|---|---|---|---|"]
+    timed = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for layout in LAYOUTS:
+            log(f"{name}: timing {len(candidates)} models, {layout}")
+            timed[layout] = latency_rows(unfolded if layout == "onnxruntime" else candidates, input_shape, args,
+                                         layout, folder)
+    columns = " | ".join(f"{layout} b1 ms | b64 ms | speed-up | ratio" for layout in LAYOUTS)
+    lines = [f"\nCPU latency of {name} ({note}), {args.threads} thread(s), interleaved medians at batch 1 (b1) and "
+             "64 (b64). Layouts: PyTorch eager NCHW, PyTorch eager NHWC (channels_last), and the exported ONNX file "
+             "in onnxruntime (which folds BatchNorm itself: unfolded models only). 'speed-up' is at batch 64 against "
+             "the dense model in the same layout (BN-folded against BN-folded, whose MACs the reduction also uses); "
+             "'ratio' is speed-up / MACs reduction (goal: >= 0.8):\n",
+             f"| model | MACs reduction | {columns} |", "|---|---|" + "---|---|---|---|" * len(LAYOUTS)]
     verdicts = []
     for label in candidates:
-        folded = label.endswith("BN folded")  # folded models are compared with the folded dense model
-        reduction = macs["dense, BN folded" if folded else "dense"] / macs[label]
-        one, many = timed[(label, 1)], timed[(label, 64)]
-        fair = timed[("dense, BN folded", 64)].median_ms / many.median_ms if folded else many.speedup
-        lines.append(f"| {label} | {reduction:.2f}x | {one.median_ms:.2f} | {one.speedup:.2f} | {many.median_ms:.1f} | "
-                     f"{many.speedup:.2f} | {fair / reduction:.2f} |")
-        if not label.startswith("dense"):
-            verdict = "meets" if fair >= 0.8 * reduction else "misses"
-            against = " (both BN-folded)" if label.endswith("BN folded") else ""
-            verdicts.append(f"{name} {label}: batch-64 speed-up {fair:.2f}x{against} for {reduction:.2f}x fewer MACs "
-                            f"= {fair / reduction:.2f} of it ({verdict} the 0.8 goal)")
+        folded = label.endswith("BN folded")
+        baseline = "dense, BN folded" if folded else "dense"
+        reduction = macs[baseline] / macs[label]
+        cells, speedups = [], {}
+        for layout in LAYOUTS:
+            if (label, 64) not in timed[layout]:
+                cells.append(" |  |  | ")
+                continue
+            one, many = timed[layout][(label, 1)], timed[layout][(label, 64)]
+            speedups[layout] = timed[layout][(baseline, 64)].median_ms / many.median_ms
+            cells.append(f"{one.median_ms:.2f} | {many.median_ms:.1f} | {speedups[layout]:.2f} | "
+                         f"{speedups[layout] / reduction:.2f}")
+        lines.append(f"| {label} | {reduction:.2f}x | " + " | ".join(cells) + " |")
+        if label.startswith("dense"):
+            continue
+        for layout, speedup in speedups.items():
+            verdict = "meets" if speedup >= 0.8 * reduction else "misses"
+            verdicts.append(f"{name} {label}, {layout}: batch-64 speed-up {speedup:.2f}x for {reduction:.2f}x fewer "
+                            f"MACs = {speedup / reduction:.2f} of it ({verdict} the 0.8 goal)")
     return "\n".join(lines), verdicts
 
 
@@ -254,6 +290,27 @@ def speed_section(args) -> tuple[str, list[str]]:
                          f"3x32x32 input, {macs / 1e6:.1f} M MACs dense: conv, linear, BN and additions")
 
 
+def keep_freed_memory() -> str:
+    """Stop glibc from returning large freed blocks to the OS after every forward pass.
+
+    By default glibc serves big allocations (a batch-64 activation is several MB) with mmap and
+    unmaps them on free, so every forward pays page faults that depend on the allocator's recent
+    history rather than on the model: the same dense resnet20 timed 60 or 85 ms at batch 64 in two
+    processes. Pinning the thresholds (what jemalloc/tcmalloc, common for CPU inference, do anyway)
+    makes timings repeatable; it speeds up the dense model most, so speed-ups only get smaller.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return "default allocator (not glibc)"
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30):
+        return "glibc malloc with mmap and trim thresholds pinned at 1 GiB (mallopt)"
+    return "default glibc malloc (mallopt refused)"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default="method,criteria,speed")
@@ -270,11 +327,15 @@ def main(argv=None) -> None:
     parser.add_argument("--resnet-epochs", type=int, default=3)
     parser.add_argument("--resnet-subset", type=int, default=20000)
     parser.add_argument("--latency-seconds", type=float, default=3.0)
+    parser.add_argument("--round-to", type=int, default=None, help="criteria: round every criterion's channel counts")
+    parser.add_argument("--no-criteria-latency", dest="criteria_latency", action="store_false",
+                        help="criteria: accuracy only (time the shapes with --sections latency)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-write", dest="write", action="store_false", help="print only, leave RESULTS.md alone")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    allocator = keep_freed_memory()
     sections = set(args.sections.split(","))
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     parts, verdicts = [], []
@@ -295,7 +356,7 @@ def main(argv=None) -> None:
         verdicts += found
     header = (f"Calibration: {args.calib_samples} Fashion-MNIST training images (no augmentation); test: "
               f"{args.test_subset} test images; load average before/after {load_before:.1f} / {os.getloadavg()[0]:.1f} "
-              f"(shared 2-core machine); wall time {time.perf_counter() - started:.0f} s.\n")
+              f"(shared 2-core machine); wall time {time.perf_counter() - started:.0f} s; memory: {allocator}.\n")
     goals = "### Goals\n\n" + "\n".join(f"- {v}" for v in verdicts)
     text = header + "\n" + "\n\n".join(parts) + "\n\n" + goals
     print(text)
