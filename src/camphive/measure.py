@@ -300,6 +300,11 @@ def measure_latency(
     ``channels_last=True`` times copies of the models in the NHWC memory layout, with
     NHWC inputs (4-D inputs only): on CPUs, oneDNN convolutions usually run faster in
     it, and closer to what their MACs predict. The models passed in are left as they are.
+
+    On glibc, activations of several MB are mmapped and unmapped on every forward pass by
+    default, so timings also carry page faults that depend on the allocator's history (the
+    same model measured 60 or 85 ms in two processes); benchmarks/structured.py pins the
+    allocator (``mallopt``) first, as jemalloc/tcmalloc deployments effectively do.
     """
     if isinstance(models, nn.Module):
         models = {"model": models}
