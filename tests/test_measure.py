@@ -250,3 +250,9 @@ def test_onnx_latency_times_exported_files_interleaved(tmp_path):
         measure_onnx_latency({"gone": tmp_path / "gone.onnx"}, (3, 16, 16))
     with pytest.raises(ConfigError, match="batch sizes"):
         measure_onnx_latency(files, (3, 16, 16), batch_sizes=(0,))
+    with pytest.raises(ConfigError, match=r"not \(batch, 3, 32\)"):
+        measure_onnx_latency(files, (3, 32))
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not an onnx file")
+    with pytest.raises(ConfigError, match="cannot load"):
+        measure_onnx_latency({"broken": broken}, (3, 16, 16))

@@ -377,11 +377,20 @@ def measure_onnx_latency(
             raise ConfigError(f"ONNX file {str(path)!r} does not exist; export the model first (camphive export)")
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = int(threads), 1
-        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        if len(session.get_inputs()) != 1:
-            raise ConfigError(f"ONNX file {str(path)!r} takes {len(session.get_inputs())} inputs; only one-input "
-                              "models can be timed here")
-        input_name = session.get_inputs()[0].name
+        try:
+            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
+            raise ConfigError(f"onnxruntime cannot load {str(path)!r} ({str(error).splitlines()[0][:120]}); "
+                              "export the model again (camphive export)") from error
+        inputs = session.get_inputs()
+        if len(inputs) != 1:
+            raise ConfigError(f"ONNX file {str(path)!r} takes {len(inputs)} inputs; only one-input models can be "
+                              "timed here")
+        fixed = [(i, size) for i, size in enumerate(inputs[0].shape[1:]) if isinstance(size, int)]
+        if len(inputs[0].shape) != len(input_shape) + 1 or any(size != input_shape[i] for i, size in fixed):
+            raise ConfigError(f"ONNX file {str(path)!r} takes inputs of shape {inputs[0].shape}, not (batch, "
+                              f"{', '.join(map(str, input_shape))}); pass the input shape it was exported with")
+        input_name = inputs[0].name
         runners[name] = lambda batch, session=session, input_name=input_name: session.run(None, {input_name: batch})
     generator = np.random.default_rng(seed)
 

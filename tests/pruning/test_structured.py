@@ -112,6 +112,19 @@ def test_latency_is_measured_before_and_after():
     for key in ("batch_1", "batch_8"):
         assert latency[key]["before_ms"] > 0 and latency[key]["after_ms"] > 0
         assert latency[key]["speedup"] == pytest.approx(latency[key]["before_ms"] / latency[key]["after_ms"])
+    assert latency["channels_last"] is False
+
+
+def test_latency_in_the_nhwc_layout_needs_image_inputs():
+    model = models.create("small-cnn", in_channels=1)
+    result = prune_structured(model, batches(28, channels=1), 0.5, criterion="magnitude", latency_seconds=0.02,
+                              latency_batch_sizes=(2,), latency_channels_last=True)
+    assert result.extra["latency"]["channels_last"] is True and result.extra["latency"]["batch_2"]["speedup"] > 0
+    mlp = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    data = [(torch.randn(4, 6), torch.randint(0, 3, (4,)))]
+    with pytest.raises(ConfigError, match="latency_channels_last needs one image input"):
+        prune_structured(mlp, data, 0.5, criterion="magnitude", latency_channels_last=True)
+    assert mlp[0].out_features == 8  # refused before anything was removed
 
 
 def test_pruned_model_exports_to_onnx(tmp_path):

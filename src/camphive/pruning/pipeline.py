@@ -121,7 +121,7 @@ def prune(
 
     ``mode="structured"`` removes whole channels (see :mod:`camphive.pruning.structured`).
 
-    ``spectrum_top_k``: the top loss-Hessian eigenvalues (by Lanczos, 1 % tolerance) measured
+    ``spectrum_top_k``: the top loss-Hessian eigenvalues (by Lanczos, tolerance 1e-3) measured
     before and after pruning for the report (sharpness); 0 skips them.
 
     Interruptions: ``on_cycle_end(cycle, masks, record)`` is called after every completed
