@@ -54,6 +54,13 @@ ABLATION = {
                                                           merge="least_squares", recalibrate_bn=True),
     "w²G_jj·(γ/σ)², least squares, 3 cycles": dict(criterion="camp-hive", loss_weighting="batchnorm",
                                                    merge="least_squares", cycles=3),
+    "magnitude, BN recalibrated": dict(criterion="magnitude", recalibrate_bn=True),
+    "taylor, BN recalibrated": dict(criterion="taylor", recalibrate_bn=True),
+    "obd, BN recalibrated": dict(criterion="obd", recalibrate_bn=True),
+    "hutchinson, BN recalibrated": dict(criterion="hutchinson", recalibrate_bn=True),
+    "w²G_jj·(γ/σ)², least squares, 3 cycles, BN recalibrated": dict(criterion="camp-hive", loss_weighting="batchnorm",
+                                                                    merge="least_squares", cycles=3,
+                                                                    recalibrate_bn=True),
 }
 
 

@@ -95,8 +95,10 @@ def _pruning_checks(results, folder):
     for label, options in PRUNE_CASES.items():
         model = _model()
         result = prune(model, share, 0.6, **options)
-        distributed.check_same_on_all_ranks({**result.masks, **dict(model.named_parameters())}, label)
+        distributed.check_same_on_all_ranks({**result.masks, **dict(model.named_parameters()),
+                                             **dict(model.named_buffers())}, label)
         torch.save(result.masks, folder / f"masks-{label}-rank{distributed.rank()}.pt")
+        torch.save(dict(model.named_buffers()), folder / f"buffers-{label}-rank{distributed.rank()}.pt")
     # A disagreement between processes is caught, with a clear message.
     try:
         distributed.check_same_on_all_ranks({"w": torch.full((3,), float(distributed.rank()))}, "probe")
@@ -194,14 +196,22 @@ def test_session_hook_is_a_no_op_in_one_process(capsys):
 
 
 @pytest.mark.parametrize("label", list(PRUNE_CASES))
-def test_distributed_prune_gives_the_single_process_masks(worker_results, label):
+def test_distributed_prune_gives_the_single_process_masks_and_batchnorm_statistics(worker_results, label):
     folder, _ = worker_results
-    reference = prune(_model(), _calibration(4), 0.6, **PRUNE_CASES[label]).masks
+    model = _model()
+    reference = prune(model, _calibration(4), 0.6, **PRUNE_CASES[label]).masks
+    buffers = dict(model.named_buffers())
+    assert buffers["1.num_batches_tracked"] == 4  # recalibrated on all four batches (the default)
     for rank in range(WORLD):
         masks = torch.load(folder / f"masks-{label}-rank{rank}.pt")
         assert masks.keys() == reference.keys()
         for name in reference:
             assert torch.equal(masks[name], reference[name]), (label, rank, name)
+        # Each process recalibrated on its two batches; the averaged statistics are those of all four.
+        shared = torch.load(folder / f"buffers-{label}-rank{rank}.pt")
+        assert shared.keys() == buffers.keys()
+        for name in buffers:
+            assert torch.allclose(shared[name], buffers[name], rtol=1e-10, atol=1e-12), (label, rank, name)
 
 
 def test_two_process_finetune_keeps_masks_and_identical_weights(worker_results):

@@ -74,7 +74,7 @@ def prune_job(
     if options.get("num_batches"):  # limit the whole calibration set before it is shared out
         calib = calib[: int(options.pop("num_batches"))]
     calib_counts = {"num_batches": len(calib), "num_samples": sum(int(inputs.shape[0]) for inputs, _ in calib)}
-    calib = calibration_share(calib, mode, options)
+    calib = calibration_share(calib, mode)
     test = datasets.loader(datasets.load(dataset, root=data_root, split="test"), batch_size=512, device=device)
     run = RunFolder.create(out, overwrite=overwrite, resume=resume)
     log = run.logger()

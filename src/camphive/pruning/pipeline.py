@@ -35,6 +35,7 @@ DEFAULTS = {
     "pairing": "coupled",
     "merge": "least_squares",
     "cycles": 3,
+    "recalibrate_bn": True,  # every criterion: BatchNorm statistics re-estimated after each cycle
 }
 
 
@@ -157,6 +158,7 @@ def prune(
     merge = merge or (DEFAULTS["merge"] if is_camp_hive else "none")
     pairing = pairing or DEFAULTS["pairing"]
     cycles = cycles or (DEFAULTS["cycles"] if is_camp_hive else 1)
+    recalibrate_bn = DEFAULTS["recalibrate_bn"] if recalibrate_bn is None else bool(recalibrate_bn)
     curvature = curvature or DEFAULTS["curvature"]
     _check_choice("merge", merge, MERGES)
     _check_choice("pairing", pairing, PAIRINGS)
@@ -209,7 +211,7 @@ def prune(
         if recovery_steps:
             _recover(model, batches, alive, recovery_steps, recovery_lr, loss_fn)
         if recalibrate_bn:
-            recalibrate_batchnorm(model, batches)
+            recalibrate_batchnorm(model, batches, reduce_over_processes=True)  # batches: this process's share
         report = info.report()
         info.close()
         num_hvps += report["num_hvps"]
@@ -262,8 +264,14 @@ def _recover(model, batches, masks, steps, lr, loss_fn) -> None:
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, batches) -> None:
-    """Re-estimate BatchNorm running statistics on ``batches`` (cumulative average), in place."""
+def recalibrate_batchnorm(model: nn.Module, batches, reduce_over_processes: bool = False) -> None:
+    """Re-estimate BatchNorm running statistics on ``batches`` (cumulative average), in place.
+
+    ``reduce_over_processes``: under torchrun, where each process holds its own share of the
+    calibration batches, average the statistics over the processes (weighted by batch counts),
+    so every process ends with the same ones: those of all the batches when the shares are
+    whole batches.
+    """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
         return
@@ -274,15 +282,36 @@ def recalibrate_batchnorm(model: nn.Module, batches) -> None:
         norm.momentum = None
     model.train()
     device = next(model.parameters()).device
+    used = 0
     try:
         for inputs, _ in batches:
             if inputs.shape[0] > 1:
                 model(inputs.to(device))
+                used += 1
     finally:
         for module, flag in training:
             module.training = flag
         for norm, momentum in momenta:
             norm.momentum = momentum
+    if reduce_over_processes:
+        _average_statistics_over_processes(norms, used)
+
+
+@torch.no_grad()
+def _average_statistics_over_processes(norms: list, used: int) -> None:
+    from camphive import distributed
+
+    if not distributed.is_distributed():
+        return
+    total = distributed.all_reduce_int(used)
+    if total == 0:
+        return
+    statistics = [buffer for norm in norms for buffer in (norm.running_mean, norm.running_var)]
+    averaged = distributed.all_reduce_tensors([buffer.double() * (used / total) for buffer in statistics])
+    for buffer, value in zip(statistics, averaged):
+        buffer.copy_(value)
+    for norm in norms:
+        norm.num_batches_tracked.fill_(total)
 
 
 def top_loss_eigenvalues(model, batches, params, loss_fn, k: int, seed: int) -> tuple[list[float], int, float]:
