@@ -173,7 +173,8 @@ def prune_command(
     top_k: Optional[int] = typer.Option(None, min=1, help="Loss-Hessian eigenpairs."),
     min_keep: Optional[float] = typer.Option(None, help="Per-layer floor: fraction (<1) or count."),
     damping: Optional[float] = typer.Option(None),
-    recalibrate_bn: Optional[bool] = typer.Option(None, help="Re-estimate BatchNorm statistics after pruning."),
+    recalibrate_bn: Optional[bool] = typer.Option(None, help="Re-estimate BatchNorm statistics on the calibration "
+                                                  "images after each cycle (default: on)."),
     ignored_layers: Optional[str] = typer.Option(None, help="Comma-separated module names to leave unpruned."),
     round_to: Optional[int] = typer.Option(None, min=1, help="Structured: keep channel counts in multiples of N "
                                            "(8 runs faster on CPUs)."),

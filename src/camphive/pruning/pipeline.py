@@ -119,6 +119,8 @@ def prune(
     everything but the scores; their ``merge`` defaults to "none" (plain pruning).
     ``selection="global"`` compares scores over all layers, ``"layer"`` prunes each layer to
     the target. Every layer keeps at least ``min_keep`` (a fraction, or a count if >= 1).
+    ``recalibrate_bn`` (default True, every criterion) re-estimates BatchNorm statistics on
+    the calibration batches after each cycle (averaged over processes under torchrun).
 
     ``mode="structured"`` removes whole channels (see :mod:`camphive.pruning.structured`).
 
