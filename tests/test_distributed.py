@@ -144,6 +144,7 @@ def _worker(rank, port, folder):
     folder = Path(folder)
     assert distributed.init_from_environment() and distributed.world_size() == WORLD
     results = {}
+    completed = False
     try:
         _curvature_checks(results)
         _pruning_checks(results, folder)
@@ -151,9 +152,10 @@ def _worker(rank, port, folder):
         with distributed.session() as active:  # the CLI hook: rank 1 prints nothing
             results["session"] = [active, sys.stdout.name == os.devnull]
         results["session_kept_group"] = distributed.is_distributed()
+        completed = True
     finally:
         (folder / f"results-rank{rank}.json").write_text(json.dumps(results, default=str))
-        distributed.shutdown()
+        distributed.shutdown(wait_for_others=completed)
 
 
 @pytest.fixture(scope="module")

@@ -72,10 +72,20 @@ def init_from_environment(backend: str | None = None, timeout_minutes: float = 3
     return True
 
 
-def shutdown() -> None:
-    """Destroy the process group (a no-op when none runs)."""
+def shutdown(wait_for_others: bool = True) -> None:
+    """Destroy the process group (a no-op when none runs).
+
+    ``wait_for_others``: first wait until every process gets here. Rank 0 hosts the
+    rendezvous store, and a process still using it when rank 0 tears it down can abort at
+    exit (seen with gloo, about one run in three). After an error on this process, pass
+    False: the others may never arrive.
+    """
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if wait_for_others:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 @contextlib.contextmanager
@@ -94,14 +104,16 @@ def session() -> Iterator[bool]:
     if quiet:
         progress.set_enabled(False)
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - closed below
+    completed = False
     try:
         yield active
+        completed = True
     finally:
         if quiet:
             sys.stdout.close()
             sys.stdout = stdout
         if started_here:
-            shutdown()
+            shutdown(wait_for_others=completed)
 
 
 def describe() -> dict:
