@@ -148,11 +148,6 @@ def _options(**values) -> dict:
     return {key: value for key, value in values.items() if value is not None}
 
 
-def _names(text: str | None) -> list[str] | None:
-    """A comma-separated list of names (None when not given)."""
-    return None if text is None else [name.strip() for name in text.split(",") if name.strip()]
-
-
 @app.command("prune")
 def prune_command(
     checkpoint: Path = typer.Option(..., help="model.safetensors to prune (from camphive train)."),
@@ -197,12 +192,14 @@ def prune_command(
     config: Optional[Path] = ConfigOption,
 ):
     """Prune a checkpoint with CAMP-HiVe (or a baseline), optionally fine-tune, write the pruned checkpoint."""
+    from camphive.jobs.compare_options import parse_list
     from camphive.jobs.prune import prune_job
 
+    ignored = None if ignored_layers is None else parse_list(ignored_layers, str, "ignored-layers")
     options = _options(score=score, curvature=curvature, loss_weighting=loss_weighting, pairing=pairing,
                        merge=merge, cycles=cycles, schedule=schedule, selection=selection, scope=scope,
                        top_k=top_k, min_keep=min_keep, damping=damping, recalibrate_bn=recalibrate_bn,
-                       ignored_layers=_names(ignored_layers), round_to=round_to, global_pruning=global_pruning,
+                       ignored_layers=ignored, round_to=round_to, global_pruning=global_pruning,
                        min_channels=min_channels, latency_channels_last=latency_channels_last)
     results = prune_job(checkpoint=checkpoint, out=out, sparsity=sparsity, mode=mode, criterion=criterion,
                         target_macs_ratio=target_macs_ratio, dataset=dataset, data_root=data_root,
