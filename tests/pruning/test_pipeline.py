@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -127,3 +129,19 @@ def test_report_has_the_top_loss_eigenvalue_before_and_after_pruning():
     before = result.to_dict()["sharpness"]["before"][0]
     assert abs(before - expected) <= 0.01 * abs(expected)
     assert len(result.to_dict()["sharpness"]["after"]) == 1 and result.num_hvps > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("criterion", ["camp-hive", "obd"])
+def test_a_gpu_model_prunes_with_cpu_calibration_batches_as_on_the_cpu(criterion):
+    """CPU batches (what loaders give) and a GPU model: the masks of the CPU run, up to near-ties in the scores."""
+    torch.manual_seed(0)
+    on_cpu = tiny_cnn()
+    on_gpu = copy.deepcopy(on_cpu).cuda()
+    data = image_batches()
+    expected = prune(on_cpu, data, 0.8, criterion=criterion, spectrum_top_k=0)
+    result = prune(on_gpu, data, 0.8, criterion=criterion, spectrum_top_k=0)
+    assert result.sparsity == pytest.approx(expected.sparsity)
+    agreement = [(result.masks[name].cpu() == mask).float().mean().item() for name, mask in expected.masks.items()]
+    assert min(agreement) >= 0.98, agreement
+    assert all(p.device.type == "cuda" for p in on_gpu.parameters())

@@ -1,4 +1,6 @@
 """Structured pruning end to end: every model, targets, measurements, export and checkpoints."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -176,3 +178,19 @@ def test_bad_targets_and_options_are_one_line_errors():
         with pytest.raises(ConfigError, match=match) as error:
             prune_structured(model, data, measure_latency=False, **kwargs)
         assert "\n" not in str(error.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("criterion", ["camp-hive", "magnitude", "taylor", "tp-taylor", "tp-hessian"])
+def test_a_gpu_model_prunes_with_cpu_calibration_batches_as_on_the_cpu(criterion):
+    """Loaders give CPU batches; a model on the GPU must prune from them, to the CPU run's shapes and outputs."""
+    torch.manual_seed(0)
+    on_cpu = models.create("resnet20", num_classes=10).eval()
+    on_gpu = copy.deepcopy(on_cpu).cuda()
+    data, example = batches(count=2, samples=8), torch.randn(4, 3, 32, 32)
+    options = dict(target_macs_ratio=2.0, round_to=4, criterion=criterion, measure_latency=False)
+    expected = prune_structured(on_cpu, data, **options)
+    result = prune_structured(on_gpu, data, **options)
+    assert result.extra["channels"] == expected.extra["channels"]
+    assert result.extra["macs_after"] == expected.extra["macs_after"]
+    torch.testing.assert_close(on_gpu(example.cuda()).cpu(), on_cpu(example), atol=1e-3, rtol=1e-3)

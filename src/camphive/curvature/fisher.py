@@ -16,7 +16,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from camphive import distributed as dist_tools
-from camphive.curvature.state import curvature_mode
+from camphive.curvature.state import curvature_mode, parameter_device_dtype, prepare_batches
 
 
 @torch.no_grad()
@@ -25,12 +25,15 @@ def empirical_fisher_diagonal(model: nn.Module, batches, params: Mapping[str, to
     """``{name: E_samples[(d loss_n / d theta)^2]}`` for the named parameters, shaped like them.
 
     ``loss_fn(outputs, targets)`` must reduce by mean (it is applied to one sample at a time).
+    ``batches`` are moved to the parameters' device (and floating inputs to their dtype).
     ``distributed``: ``None`` reduces over the processes when a group runs (``batches`` is then
     this process's shard), ``False`` keeps this process's batches alone.
     """
     reduce = dist_tools.resolve(distributed)
     loss_fn = loss_fn or F.cross_entropy
     names = list(params)
+    device, dtype = parameter_device_dtype(params.values())
+    batches = prepare_batches(batches, None, device, dtype)  # CPU loader batches for a GPU model, say
     totals = {name: torch.zeros_like(params[name], dtype=torch.float64) for name in names}
     count = 0
     with curvature_mode(model):
