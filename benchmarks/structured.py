@@ -172,7 +172,7 @@ def criteria_section(args, evaluation: Evaluation) -> tuple[str, list[str]]:
                      f"{by_ratio[r].get('finetuned', float('nan')):.3f} ({by_ratio[r]['macs_ratio']:.2f}x)"
                      if r in by_ratio else "" for r in ratios]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        verdicts += _accuracy_verdicts(name, table, ratios)
+        verdicts += accuracy_verdicts(name, table, ratios)
         if not args.criteria_latency:
             continue
         rounding = f", round_to {args.round_to}" if args.round_to else ""
@@ -185,7 +185,7 @@ def criteria_section(args, evaluation: Evaluation) -> tuple[str, list[str]]:
     return "\n".join(lines), verdicts
 
 
-def _accuracy_verdicts(name: str, table: dict, ratios: list[float]) -> list[str]:
+def accuracy_verdicts(name: str, table: dict, ratios: list[float]) -> list[str]:
     verdicts = []
     if "camp-hive" not in table:
         return verdicts
