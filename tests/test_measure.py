@@ -177,7 +177,7 @@ def test_latency_runs_are_interleaved_and_modes_restored():
         assert result.iqr_ms == pytest.approx(result.q75_ms - result.q25_ms)
         assert result.samples_per_second == pytest.approx(result.batch_size / result.median_ms * 1e3)
     assert report.get("a", 4).speedup == 1.0
-    assert set(report.to_dict()) == {"baseline", "device", "threads", "warmup", "results", "channels_last"}
+    assert set(report.to_dict()) == {"baseline", "device", "threads", "warmup", "results", "channels_last", "compiled"}
 
 
 def test_latency_speedup_and_calibrated_repeats():
@@ -218,6 +218,43 @@ def test_latency_channels_last_times_nhwc_copies_and_leaves_models_alone():
     assert not any(x_nhwc or w_nhwc for x_nhwc, w_nhwc in seen)
     with pytest.raises(ConfigError, match="channels_last"):
         measure_latency(nn.Linear(3, 3), (3,), channels_last=True)
+
+
+def test_latency_compiled_times_compiled_copies_after_two_warmups(monkeypatch):
+    compiled_calls: list = []
+
+    def fake_compile(model, dynamic=None):  # records what would be compiled; runs the copy eagerly
+        compiled_calls.append((model, dynamic))
+        return lambda batch: ("compiled", model(batch))
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    log: list = []
+    models = {name: CallRecorder(name, log) for name in "ab"}
+    report = measure_latency(models, (3,), batch_sizes=(1, 4), repeats=3, warmup=0, compiled=True)
+    assert report.compiled and report.warmup == 2  # the first warm-up round compiles: never timed
+    assert [dynamic for _, dynamic in compiled_calls] == [False, False]
+    assert [model for model, _ in compiled_calls] == [models["a"], models["b"]]
+    assert len(log) == 2 * (2 + 3) * 2
+
+
+def test_latency_compiled_errors_are_one_line(monkeypatch):
+    def broken_compile(model, dynamic=None):
+        def run(batch):
+            raise RuntimeError("InductorError: CppCompileError: C++ compile error\n  long details")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.raises(ConfigError, match="torch.compile failed for model 'net'") as caught:
+        measure_latency({"net": nn.Linear(3, 3)}, (3,), batch_sizes=(1,), repeats=1, compiled=True)
+    assert "\n" not in str(caught.value) and "compiled=True" in str(caught.value)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside torch.compile itself
+def test_latency_compiled_runs_a_real_compiled_model():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    report = measure_latency({"mlp": model}, (3,), batch_sizes=(2,), repeats=3, compiled=True, threads=1)
+    assert report.get("mlp", 2).median_ms > 0 and report.get("mlp", 2).repeats == 3
+    assert type(model) is nn.Sequential  # the model passed in is not replaced or wrapped
 
 
 def test_latency_rejects_bad_arguments():

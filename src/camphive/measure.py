@@ -252,6 +252,7 @@ class LatencyReport:
     warmup: int
     results: list[LatencyResult]
     channels_last: bool = False
+    compiled: bool = False
 
     def get(self, model: str, batch_size: int) -> LatencyResult:
         for result in self.results:
@@ -284,6 +285,7 @@ def measure_latency(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     channels_last: bool = False,
+    compiled: bool = False,
 ) -> LatencyReport:
     """Median latency of each model on random inputs of shape ``(batch, *input_shape)``.
 
@@ -300,6 +302,11 @@ def measure_latency(
     ``channels_last=True`` times copies of the models in the NHWC memory layout, with
     NHWC inputs (4-D inputs only): on CPUs, oneDNN convolutions usually run faster in
     it, and closer to what their MACs predict. The models passed in are left as they are.
+
+    ``compiled=True`` times ``torch.compile``d copies (TorchInductor, static shapes; on the CPU
+    it needs a C++ compiler): it fuses the small operators that dominate pruned models. Each
+    model compiles once per batch size, in the first warm-up round (at least two are run, so
+    the timed rounds and their count never include compiling).
 
     On glibc, activations of several MB are mmapped and unmapped on every forward pass by
     default, so timings also carry page faults that depend on the allocator's history (the
@@ -318,13 +325,17 @@ def measure_latency(
     device = _common_device(models)
     if channels_last:
         models = {name: copy.deepcopy(model).to(memory_format=torch.channels_last) for name, model in models.items()}
+    if compiled:
+        warmup = max(warmup, 2)
     synchronize = device.type == "cuda"
     generator = torch.Generator().manual_seed(seed)
     previous_threads = torch.get_num_threads()
 
-    def make_runner(model: nn.Module) -> Callable[[torch.Tensor], None]:
+    def make_runner(name: str, model: nn.Module) -> Callable[[torch.Tensor], None]:
+        forward = _compiled_forward(name, model) if compiled else model
+
         def run(batch: torch.Tensor) -> None:
-            model(batch)
+            forward(batch)
             if synchronize:
                 torch.cuda.synchronize(device)
         return run
@@ -340,12 +351,32 @@ def measure_latency(
         stack.callback(torch.set_num_threads, previous_threads)
         if threads is not None:
             torch.set_num_threads(threads)
-        results = _time_interleaved({name: make_runner(models[name]) for name in names}, make_batch, batch_sizes,
+        results = _time_interleaved({name: make_runner(name, models[name]) for name in names}, make_batch, batch_sizes,
                                     repeats, warmup, target_seconds, min_repeats, max_repeats)
     return LatencyReport(
         baseline=names[0], device=str(device), threads=threads or previous_threads, warmup=warmup, results=results,
-        channels_last=channels_last,
+        channels_last=channels_last, compiled=compiled,
     )
+
+
+def _compiled_forward(name: str, model: nn.Module) -> Callable[[torch.Tensor], Any]:
+    """``torch.compile(model)``, whose compile errors (raised at the first call) become one line."""
+    forward = torch.compile(model, dynamic=False)
+    compiled_sizes: set[tuple[int, ...]] = set()
+
+    def run(batch: torch.Tensor):
+        if tuple(batch.shape) in compiled_sizes:
+            return forward(batch)
+        try:
+            output = forward(batch)
+        except Exception as error:  # noqa: BLE001 - Dynamo/Inductor raise many exception types
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+            raise ConfigError(f"torch.compile failed for model {name!r} ({first_line}); time it without "
+                              "compiled=True (on a CPU, Inductor needs a C++ compiler such as gcc)") from error
+        compiled_sizes.add(tuple(batch.shape))
+        return output
+
+    return run
 
 
 def measure_onnx_latency(
