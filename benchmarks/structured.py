@@ -118,12 +118,13 @@ def method_section(args, evaluation: Evaluation) -> str:
     return "\n".join(lines)
 
 
-LAYOUTS = ("NCHW", "NHWC", "onnxruntime")
+LAYOUTS = ("NCHW", "NHWC", "onnxruntime", "NHWC compiled")
 
 
 def latency_rows(models_by_name: dict, input_shape, args, layout: str, folder: str) -> dict:
     """Interleaved medians at batch 1 and 64 in one layout: PyTorch NCHW, PyTorch NHWC (channels_last),
-    or the exported ONNX file in onnxruntime (which folds BatchNorm itself, so unfolded models only)."""
+    the exported ONNX file in onnxruntime (which folds BatchNorm itself, so unfolded models only), or
+    NHWC compiled by torch.compile (TorchInductor; BN-folded models only, to keep compile time down)."""
     options = dict(batch_sizes=(1, 64), threads=args.threads, target_seconds=args.latency_seconds, min_repeats=15)
     if layout == "onnxruntime":
         files = {}
@@ -132,7 +133,8 @@ def latency_rows(models_by_name: dict, input_shape, args, layout: str, folder: s
             export_onnx(model, files[label], torch.randn(1, *input_shape))  # checked against PyTorch (1e-4)
         report = measure_onnx_latency(files, input_shape, **options)
     else:
-        report = measure_latency(models_by_name, input_shape, channels_last=layout == "NHWC", **options)
+        report = measure_latency(models_by_name, input_shape, channels_last=layout.startswith("NHWC"),
+                                 compiled=layout.endswith("compiled"), **options)
     return {(r.model, r.batch_size): r for r in report.results}
 
 
@@ -205,7 +207,8 @@ def accuracy_verdicts(name: str, table: dict, ratios: list[float]) -> list[str]:
 def latency_table(name: str, dense, shapes: dict, ratios, calibration, args, note: str,
                   add_rounded: bool = True) -> tuple[str, list[str]]:
     """Latency of ``dense`` and the pruned ``shapes``, plus the levers: ``round_to=8`` shapes for the same
-    targets, BatchNorm folding of every model, the NHWC layout, and onnxruntime on the exported file.
+    targets, BatchNorm folding of every model, the NHWC layout, onnxruntime on the exported file, and
+    torch.compile (NHWC, folded models).
     Each speed-up is against the dense model in the same layout (folded against folded)."""
     candidates = {"dense": dense}
     for label, model in shapes.items():
@@ -216,7 +219,8 @@ def latency_table(name: str, dense, shapes: dict, ratios, calibration, args, not
                          measure_latency=False)
         candidates[f"{ratio:g}x, round_to 8"] = rounded
     unfolded = dict(candidates)
-    candidates.update({f"{label}, BN folded": fold_batchnorm(model) for label, model in list(candidates.items())})
+    folded = {f"{label}, BN folded": fold_batchnorm(model) for label, model in candidates.items()}
+    candidates.update(folded)
     example = calibration[0][0][:1]
     input_shape = tuple(example.shape[1:])
     macs = {label: count_macs(model, example).total for label, model in candidates.items()}
@@ -224,12 +228,13 @@ def latency_table(name: str, dense, shapes: dict, ratios, calibration, args, not
     with tempfile.TemporaryDirectory() as folder:
         for layout in LAYOUTS:
             log(f"{name}: timing {len(candidates)} models, {layout}")
-            timed[layout] = latency_rows(unfolded if layout == "onnxruntime" else candidates, input_shape, args,
-                                         layout, folder)
+            chosen = {"onnxruntime": unfolded, "NHWC compiled": folded}.get(layout, candidates)
+            timed[layout] = latency_rows(chosen, input_shape, args, layout, folder)
     columns = " | ".join(f"{layout} b1 ms | b64 ms | speed-up | ratio" for layout in LAYOUTS)
     lines = [f"\nCPU latency of {name} ({note}), {args.threads} thread(s), interleaved medians at batch 1 (b1) and "
-             "64 (b64). Layouts: PyTorch eager NCHW, PyTorch eager NHWC (channels_last), and the exported ONNX file "
-             "in onnxruntime (which folds BatchNorm itself: unfolded models only). 'speed-up' is at batch 64 against "
+             "64 (b64). Layouts: PyTorch eager NCHW, PyTorch eager NHWC (channels_last), the exported ONNX file "
+             "in onnxruntime (which folds BatchNorm itself: unfolded models only), and PyTorch NHWC compiled by "
+             "torch.compile (TorchInductor, BN-folded models only). 'speed-up' is at batch 64 against "
              "the dense model in the same layout (BN-folded against BN-folded, whose MACs the reduction also uses); "
              "'ratio' is speed-up / MACs reduction (goal: >= 0.8):\n",
              f"| model | MACs reduction | {columns} |", "|---|---|" + "---|---|---|---|" * len(LAYOUTS)]
