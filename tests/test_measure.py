@@ -223,9 +223,9 @@ def test_latency_channels_last_times_nhwc_copies_and_leaves_models_alone():
 def test_latency_compiled_times_compiled_copies_after_two_warmups(monkeypatch):
     compiled_calls: list = []
 
-    def fake_compile(model, dynamic=None):  # records what would be compiled; runs the copy eagerly
-        compiled_calls.append((model, dynamic))
-        return lambda batch: ("compiled", model(batch))
+    def fake_compile(function, dynamic=None):  # records what would be compiled; runs it eagerly
+        compiled_calls.append((function, dynamic))
+        return lambda batch: ("compiled", function(batch))
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     log: list = []
@@ -233,8 +233,10 @@ def test_latency_compiled_times_compiled_copies_after_two_warmups(monkeypatch):
     report = measure_latency(models, (3,), batch_sizes=(1, 4), repeats=3, warmup=0, compiled=True)
     assert report.compiled and report.warmup == 2  # the first warm-up round compiles: never timed
     assert [dynamic for _, dynamic in compiled_calls] == [False, False]
-    assert [model for model, _ in compiled_calls] == [models["a"], models["b"]]
+    codes = [function.__code__ for function, _ in compiled_calls]
+    assert codes[0] is not codes[1]  # one compile cache per model, not one per model class
     assert len(log) == 2 * (2 + 3) * 2
+    assert [name for name, *_ in log[:4]] == list("abab")  # each compiled function runs its own model
 
 
 def test_latency_compiled_errors_are_one_line(monkeypatch):

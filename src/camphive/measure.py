@@ -351,6 +351,8 @@ def measure_latency(
         stack.callback(torch.set_num_threads, previous_threads)
         if threads is not None:
             torch.set_num_threads(threads)
+        if compiled:  # never time an eager fallback as if it were compiled
+            stack.enter_context(torch._dynamo.config.patch(fail_on_recompile_limit_hit=True))
         results = _time_interleaved({name: make_runner(name, models[name]) for name in names}, make_batch, batch_sizes,
                                     repeats, warmup, target_seconds, min_repeats, max_repeats)
     return LatencyReport(
@@ -360,8 +362,15 @@ def measure_latency(
 
 
 def _compiled_forward(name: str, model: nn.Module) -> Callable[[torch.Tensor], Any]:
-    """``torch.compile(model)``, whose compile errors (raised at the first call) become one line."""
-    forward = torch.compile(model, dynamic=False)
+    """``model`` compiled by ``torch.compile``; compile errors (raised at the first call) become one line."""
+    def call(batch: torch.Tensor):
+        return model(batch)
+
+    # torch.compile keeps compiled code per Python code object: models of one class would share one
+    # cache, check each other's guards on every call, and past its recompile limit (8) Dynamo would
+    # silently run them eagerly. A code object of its own per model keeps each model's cache apart.
+    call.__code__ = call.__code__.replace(co_name=f"compiled_{abs(hash(name))}_{id(model)}")
+    forward = torch.compile(call, dynamic=False)
     compiled_sizes: set[tuple[int, ...]] = set()
 
     def run(batch: torch.Tensor):
