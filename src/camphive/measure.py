@@ -303,8 +303,9 @@ def measure_latency(
     NHWC inputs (4-D inputs only): on CPUs, oneDNN convolutions usually run faster in
     it, and closer to what their MACs predict. The models passed in are left as they are.
 
-    ``compiled=True`` times ``torch.compile``d copies (TorchInductor, static shapes; on the CPU
-    it needs a C++ compiler): it fuses the small operators that dominate pruned models. Each
+    ``compiled=True`` times the models compiled by ``torch.compile`` (TorchInductor, static
+    shapes; on the CPU it needs a C++ compiler; the models themselves are not changed): it
+    fuses the small operators that dominate pruned models. Each
     model compiles once per batch size, in the first warm-up round (at least two are run, so
     the timed rounds and their count never include compiling).
 
