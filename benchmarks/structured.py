@@ -227,8 +227,8 @@ def latency_table(name: str, dense, shapes: dict, ratios, calibration, args, not
     timed = {}
     with tempfile.TemporaryDirectory() as folder:
         for layout in LAYOUTS:
-            log(f"{name}: timing {len(candidates)} models, {layout}")
             chosen = {"onnxruntime": unfolded, "NHWC compiled": folded}.get(layout, candidates)
+            log(f"{name}: timing {len(chosen)} models, {layout}")
             timed[layout] = latency_rows(chosen, input_shape, args, layout, folder)
     columns = " | ".join(f"{layout} b1 ms | b64 ms | speed-up | ratio" for layout in LAYOUTS)
     lines = [f"\nCPU latency of {name} ({note}), {args.threads} thread(s), interleaved medians at batch 1 (b1) and "
