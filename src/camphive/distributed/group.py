@@ -11,9 +11,11 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from camphive.devices import gpu_for_each_process, processes_on_this_node
 from camphive.errors import ConfigError
 
 BACKEND_VARIABLE = "CAMPHIVE_DIST_BACKEND"  # overrides the backend, e.g. "gloo" on a GPU machine
+_OWNS_GPU: bool | None = None  # set when camphive starts the group: whether this process took a GPU
 
 
 def launched() -> bool:
@@ -46,7 +48,8 @@ def init_from_environment(backend: str | None = None, timeout_minutes: float = 3
     """Start the process group described by torchrun's variables; return whether one runs.
 
     Idempotent: a group already started (by camphive or by the caller) is kept. The backend is
-    ``"cpu:gloo,cuda:nccl"`` when CUDA is present (so CPU and GPU tensors both work), else gloo;
+    ``"cpu:gloo,cuda:nccl"`` when CUDA has a GPU for each process of this node (so CPU and GPU
+    tensors both work; each process takes the GPU of its local rank), else gloo;
     ``$CAMPHIVE_DIST_BACKEND`` or ``backend`` overrides it.
     """
     if dist.is_available() and dist.is_initialized():
@@ -59,13 +62,13 @@ def init_from_environment(backend: str | None = None, timeout_minutes: float = 3
     if missing:
         raise ConfigError(f"WORLD_SIZE is set but {', '.join(missing)} is not; launch with torchrun --nproc_per_node=N -m camphive ...")
     local = _env_int("LOCAL_RANK", 0)
-    cuda = torch.cuda.is_available()
-    if cuda:
-        if local >= torch.cuda.device_count():
-            raise ConfigError(f"LOCAL_RANK {local} but this node has {torch.cuda.device_count()} GPU(s); "
-                              "use --nproc_per_node at most the GPU count")
+    global _OWNS_GPU
+    # Every process of a node decides alike (same GPU and process counts), so they agree on the backend;
+    # with more processes than GPUs they run on the CPU (gloo) and a job asking for CUDA is refused then.
+    _OWNS_GPU = gpu_for_each_process() and local < torch.cuda.device_count()
+    if _OWNS_GPU:
         torch.cuda.set_device(local)
-    chosen = backend or os.environ.get(BACKEND_VARIABLE) or ("cpu:gloo,cuda:nccl" if cuda else "gloo")
+    chosen = backend or os.environ.get(BACKEND_VARIABLE) or ("cpu:gloo,cuda:nccl" if _OWNS_GPU else "gloo")
     dist.init_process_group(backend=chosen, rank=_env_int("RANK", 0), world_size=_env_int("WORLD_SIZE", 1),
                             timeout=datetime.timedelta(minutes=timeout_minutes))
     atexit.register(shutdown)
@@ -124,6 +127,11 @@ def describe() -> dict:
 def process_device(device: torch.device) -> torch.device:
     """Each process owns the GPU of its local rank: ``cuda``/``cuda:N`` become ``cuda:LOCAL_RANK``."""
     if is_distributed() and device.type == "cuda":
+        if _OWNS_GPU is False:
+            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            raise ConfigError(f"{processes_on_this_node()} processes on this machine but {gpus} GPU(s): each "
+                              "process needs a GPU of its own; use --nproc_per_node at most the GPU count, or "
+                              "--device cpu")
         return torch.device("cuda", torch.cuda.current_device())
     return device
 
