@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from camphive.errors import ConfigError
-from camphive.measure import count_macs, count_parameters, measure_latency, model_summary
+from camphive.measure import count_macs, count_parameters, inputs_on_model_device, measure_latency, model_summary
 
 
 @pytest.fixture(autouse=True)
@@ -96,6 +96,18 @@ def test_linear_with_leading_dims_conv1d_and_transposed_conv():
     # Transposed: each of the 2*4*4 input elements is scattered through 3 * 3*3 weights.
     transposed = nn.ConvTranspose2d(2, 3, 3, stride=2)
     assert count_macs(transposed, torch.randn(1, 2, 4, 4)).total == 32 * 3 * 9
+
+
+def test_macs_of_a_model_on_another_device_than_its_example():
+    """A GPU model is often given CPU examples. The meta device stands in for the GPU here; it lets
+    mixed devices pass, so where the inputs end up is checked directly (the GPU tests in
+    tests/pruning cover the real failure)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    expected = count_macs(model, torch.randn(1, 3, 8, 8)).total
+    model.to("meta")
+    assert count_macs(model, torch.randn(1, 3, 8, 8)).total == expected == 3 * 4 * 9 * 36 + 4 * 36 + 144 * 2
+    assert inputs_on_model_device(model, torch.randn(1, 3, 8, 8))[0].device.type == "meta"
+    assert inputs_on_model_device(nn.ReLU(), torch.randn(2))[0].device.type == "cpu"  # no parameters: unchanged
 
 
 def test_parameter_count_counts_shared_parameters_once():

@@ -58,6 +58,14 @@ def as_input_tuple(example_inputs: Inputs) -> tuple[torch.Tensor, ...]:
     )
 
 
+def inputs_on_model_device(model: nn.Module, example_inputs: Inputs) -> tuple[torch.Tensor, ...]:
+    """``example_inputs`` as a tuple on the device of ``model``'s parameters (a GPU model is often
+    handed CPU examples, as data loaders give them); unchanged for a model without parameters."""
+    inputs = as_input_tuple(example_inputs)
+    device = next((p.device for p in model.parameters()), None)
+    return inputs if device is None else tuple(x.to(device) for x in inputs)
+
+
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put every module in eval mode, then restore each module's own training flag."""
@@ -135,9 +143,10 @@ def count_macs(
     """Count MACs of ``model(*example_inputs)`` by hooks on one forward pass.
 
     The model runs once in eval mode without gradients; each module's training flag is
-    restored afterwards. See the module docstring for what is counted.
+    restored afterwards. See the module docstring for what is counted. The inputs are moved to
+    the model's device.
     """
-    inputs = as_input_tuple(example_inputs)
+    inputs = inputs_on_model_device(model, example_inputs)
     per_layer: dict[str, int] = {}
     by_kind = {"conv": 0, "linear": 0, "norm": 0, "add": 0}
     uncounted: list[str] = []
@@ -305,8 +314,7 @@ def measure_latency(
 
     ``compiled=True`` times the models compiled by ``torch.compile`` (TorchInductor, static
     shapes; on the CPU it needs a C++ compiler; the models themselves are not changed): it
-    fuses the small operators that dominate pruned models. Each
-    model compiles once per batch size, in the first warm-up round (at least two are run, so
+    fuses the small operators that dominate pruned models. Each model compiles once per batch size, in the first warm-up round (at least two are run, so
     the timed rounds and their count never include compiling).
 
     On glibc, activations of several MB are mmapped and unmapped on every forward pass by

@@ -21,7 +21,7 @@ import torch_pruning as tp
 from torch import nn
 
 from camphive.errors import ConfigError, one_line
-from camphive.measure import Inputs, as_input_tuple, eval_mode
+from camphive.measure import Inputs, eval_mode, inputs_on_model_device
 
 CONV_OR_LINEAR = (nn.modules.conv._ConvNd, nn.Linear)
 NORMS = (nn.modules.batchnorm._BatchNorm,)
@@ -95,9 +95,7 @@ def resolve_ignored(model: nn.Module, ignored_layers: Iterable[str | nn.Module] 
 
 def build_dependency_graph(model: nn.Module, example_inputs: Inputs) -> tp.DependencyGraph:
     """Trace ``model`` on ``example_inputs`` (eval mode, so BatchNorm statistics stay)."""
-    inputs = as_input_tuple(example_inputs)
-    device = next((p.device for p in model.parameters()), inputs[0].device)
-    inputs = tuple(x.to(device) for x in inputs)
+    inputs = inputs_on_model_device(model, example_inputs)
     try:
         with eval_mode(model), torch.enable_grad():
             return tp.DependencyGraph().build_dependency(model, example_inputs=inputs if len(inputs) > 1 else inputs[0],

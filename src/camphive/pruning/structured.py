@@ -132,8 +132,6 @@ def prune_structured(
             raise ConfigError(f"unknown {option} {value!r} for structured pruning; use one of {', '.join(choices)}")
     batches = take_batches(calib_data, num_batches)
     example = as_input_tuple(example_inputs if example_inputs is not None else batches[0][0][:1])
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    example = tuple(x.to(device) for x in example)  # a GPU model with CPU calibration batches, as loaders give
     if measure_latency and latency_channels_last and (len(example) != 1 or example[0].dim() != 4):
         raise ConfigError("latency_channels_last needs one image input (N, C, H, W); time without it")
     ignored = resolve_ignored(model, ignored_layers)
