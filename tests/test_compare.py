@@ -118,7 +118,7 @@ def test_compare_from_a_checkpoint_in_structured_mode(tmp_path):
     for row in results["rows"]:
         assert row["macs_ratio"] >= 1.9 and row["finetuned"] is None
         assert row["latency_ms"] > 0 and row["speedup"] > 0 and row["latency_batch"] == 1
-        assert row["latency"]["channels_last"] is True
+        assert row["latency"]["channels_last"] is True and row["latency"]["compiled"] is False
     assert results["headline"].startswith("At MACs reduction 2x, CAMP-HiVe keeps ")
     page = (tmp_path / "run" / "report.html").read_text()
     assert "speedup" in page and "after fine-tuning" not in page.split("<table>")[1]

@@ -179,6 +179,8 @@ def prune_command(
                                                  "fraction if < 1)."),
     latency_channels_last: Optional[bool] = typer.Option(None, help="Structured: time the models in the NHWC "
                                                          "layout (usually faster on CPUs)."),
+    latency_compiled: Optional[bool] = typer.Option(None, help="Structured: time the models compiled by "
+                                                    "torch.compile (adds compile time; needs a C++ compiler)."),
     dataset: Optional[str] = typer.Option(None, help="Default: the dataset recorded in the checkpoint."),
     data_root: Optional[str] = typer.Option(None),
     calib_samples: int = typer.Option(1024, min=1, help="Calibration images drawn from the training split."),
@@ -200,7 +202,8 @@ def prune_command(
                        merge=merge, cycles=cycles, schedule=schedule, selection=selection, scope=scope,
                        top_k=top_k, min_keep=min_keep, damping=damping, recalibrate_bn=recalibrate_bn,
                        ignored_layers=ignored, round_to=round_to, global_pruning=global_pruning,
-                       min_channels=min_channels, latency_channels_last=latency_channels_last)
+                       min_channels=min_channels, latency_channels_last=latency_channels_last,
+                       latency_compiled=latency_compiled)
     results = prune_job(checkpoint=checkpoint, out=out, sparsity=sparsity, mode=mode, criterion=criterion,
                         target_macs_ratio=target_macs_ratio, dataset=dataset, data_root=data_root,
                         calib_samples=calib_samples, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
@@ -307,6 +310,7 @@ def compare_command(
     latency_batch_sizes: str = typer.Option("1,64"),
     latency_seconds: float = typer.Option(1.0),
     latency_channels_last: bool = typer.Option(False, help="Structured: time in the NHWC layout (usually faster on CPUs)."),
+    latency_compiled: bool = typer.Option(False, help="Structured: time the models compiled by torch.compile."),
     device: str = DeviceOption,
     amp: bool = typer.Option(False, help="bfloat16 autocast on CUDA for training and fine-tuning."),
     seed: int = typer.Option(0),

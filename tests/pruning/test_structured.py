@@ -129,6 +129,25 @@ def test_latency_in_the_nhwc_layout_needs_image_inputs():
     assert mlp[0].out_features == 8  # refused before anything was removed
 
 
+def test_latency_compiled_reaches_the_timer_and_the_result(monkeypatch):
+    import camphive.pruning.structured as structured
+    from camphive.measure import measure_latency
+
+    seen = []
+
+    def timer(models, input_shape, **options):  # the real timer, eager, recording what prune asked for
+        seen.append(options)
+        return measure_latency(models, input_shape, **{**options, "compiled": False})
+
+    monkeypatch.setattr(structured, "time_models", timer)
+    model = models.create("small-cnn", in_channels=1)
+    result = prune(model, batches(28, channels=1), 0.5, mode="structured", criterion="magnitude",
+                   latency_seconds=0.02, latency_batch_sizes=(2,), latency_compiled=True)
+    assert [options["compiled"] for options in seen] == [True]
+    assert result.extra["latency"]["batch_2"]["speedup"] > 0
+    assert result.extra["latency"]["compiled"] is False  # says what was really timed (the stand-in ran eagerly)
+
+
 def test_pruned_model_exports_to_onnx(tmp_path):
     model = models.create("mobilenetv2").eval()
     example = torch.randn(1, 3, 32, 32)

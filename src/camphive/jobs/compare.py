@@ -83,6 +83,7 @@ def compare_job(
     latency_batch_sizes=(1, 64),
     latency_seconds: float = 1.0,
     latency_channels_last: bool = False,
+    latency_compiled: bool = False,
     device: str = "auto",
     amp: bool = False,
     seed: int = 0,
@@ -165,7 +166,7 @@ def compare_job(
                          row["pruned"], "–" if row["finetuned"] is None else f"{row['finetuned']:.4f}")
             if mode == "structured" and latency and pruned_models:
                 timings = _time_models(dense_model, pruned_models, tuple(calib[0][0].shape[1:]), latency_batch_sizes,
-                                       latency_seconds, latency_channels_last)
+                                       latency_seconds, latency_channels_last, latency_compiled)
                 for row in rows:
                     if row["target"] == target and row["criterion"] in timings:
                         row.update(timings[row["criterion"]])
@@ -307,7 +308,7 @@ def _write_rows(run: RunFolder, rows: list[dict]) -> None:
     atomic_write_text(run.file("rows.jsonl"), "".join(json.dumps(_jsonable(row)) + "\n" for row in rows))
 
 
-def _time_models(dense_model, pruned: dict, input_shape, batch_sizes, seconds, channels_last) -> dict:
+def _time_models(dense_model, pruned: dict, input_shape, batch_sizes, seconds, channels_last, compiled) -> dict:
     """CPU latency of the dense model and every pruned one, measured interleaved in one run so
     machine noise falls on all alike; ``{criterion: row fields}``."""
     from camphive.measure import measure_latency
@@ -317,7 +318,7 @@ def _time_models(dense_model, pruned: dict, input_shape, batch_sizes, seconds, c
 
     models = {"dense": on_cpu(dense_model), **{name: on_cpu(model) for name, model in pruned.items()}}
     report = measure_latency(models, input_shape, batch_sizes=tuple(batch_sizes), target_seconds=seconds,
-                             channels_last=channels_last)
+                             channels_last=channels_last, compiled=compiled)
     timings = {}
     for name in pruned:
         per_batch = {f"batch_{size}": {"dense_ms": report.get("dense", size).median_ms,
@@ -331,7 +332,8 @@ def _time_models(dense_model, pruned: dict, input_shape, batch_sizes, seconds, c
                          "latency_ms": first["pruned_ms"], "dense_latency_iqr_ms": first["dense_iqr_ms"],
                          "latency_iqr_ms": first["pruned_iqr_ms"], "speedup": first["speedup"],
                          "latency": {"device": report.device, "threads": report.threads,
-                                     "channels_last": report.channels_last, **per_batch}}
+                                     "channels_last": report.channels_last, "compiled": report.compiled,
+                                     **per_batch}}
     return timings
 
 

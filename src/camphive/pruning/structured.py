@@ -82,6 +82,7 @@ def prune_structured(
     latency_threads: int | None = None,
     latency_seconds: float = 1.0,
     latency_channels_last: bool = False,
+    latency_compiled: bool = False,
 ) -> PruneResult:
     """Remove channels from ``model`` in place; return a :class:`PruneResult` (``mode="structured"``).
 
@@ -104,7 +105,9 @@ def prune_structured(
     ``example_inputs`` (default: one calibration sample) are used for tracing and MACs.
     ``measure_latency`` times the model before and after on the CPU at
     ``latency_batch_sizes`` (``latency_threads``, about ``latency_seconds`` per size;
-    ``latency_channels_last`` times both in the NHWC layout, usually the faster one on CPUs).
+    ``latency_channels_last`` times both in the NHWC layout, usually the faster one on CPUs;
+    ``latency_compiled`` times both compiled by ``torch.compile``, which fuses the small
+    operators that weigh more in a pruned model; it adds tens of seconds of compiling).
     The result's ``masks`` is empty (channels are gone, nothing is masked); ``sparsity`` is
     the fraction of prunable channels removed; ``extra`` holds MACs and parameter ratios,
     whether a MACs target was reached, channel counts per group and latency (``None``
@@ -207,7 +210,7 @@ def prune_structured(
         "target_macs_ratio": target_macs_ratio, "target_reached": bool(reached),
         "channels": {key: [size, final_sizes[key]] for key, size in original_sizes.items()},
         "latency": _latency(original_model, model, example, latency_batch_sizes, latency_threads, latency_seconds,
-                            latency_channels_last)
+                            latency_channels_last, latency_compiled)
         if measure_latency else None,
     }
     config = {"mode": "structured", **scorer.describe(), "sparsity": sparsity, "target_macs_ratio": target_macs_ratio,
@@ -267,13 +270,14 @@ def _summary(model: nn.Module, macs: MacsReport) -> dict:
             "macs_conv_linear": int(macs.by_kind["conv"] + macs.by_kind["linear"]), "macs_by_kind": dict(macs.by_kind)}
 
 
-def _latency(original: nn.Module, pruned: nn.Module, example, batch_sizes, threads, seconds, channels_last) -> dict:
+def _latency(original: nn.Module, pruned: nn.Module, example, batch_sizes, threads, seconds, channels_last,
+             compiled) -> dict:
     """Interleaved CPU medians of the model before and after, at each batch size."""
     before = original.cpu()
     after = pruned if all(p.device.type == "cpu" for p in pruned.parameters()) else copy.deepcopy(pruned).cpu()
     report = time_models({"before": before, "after": after}, tuple(example[0].shape[1:]), batch_sizes=batch_sizes,
-                         threads=threads, target_seconds=seconds, channels_last=channels_last)
-    result = {"threads": report.threads, "channels_last": report.channels_last}
+                         threads=threads, target_seconds=seconds, channels_last=channels_last, compiled=compiled)
+    result = {"threads": report.threads, "channels_last": report.channels_last, "compiled": report.compiled}
     for batch_size in batch_sizes:
         old, new = report.get("before", int(batch_size)), report.get("after", int(batch_size))
         result[f"batch_{int(batch_size)}"] = {"before_ms": old.median_ms, "after_ms": new.median_ms,
