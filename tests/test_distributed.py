@@ -26,6 +26,16 @@ PRUNE_CASES = {
     "camp-hive-loss": {"curvature": "loss", "merge": "least_squares", "top_k": 3},
     "camp-hive-hutchinson-weighting": {"loss_weighting": "unit", "loss_diagonal": "hutchinson", "hutchinson_probes": 3},
 }
+# Structured pruning from sharded calibration: Grams (scores, merges), gradients, Fisher, BN statistics reduced.
+STRUCTURED_CASES = {
+    "structured-camp-hive-default": {},
+    "structured-camp-hive-pair-merge": {"merge": "pair", "pairing": "coupled", "beta_from": "activations",
+                                        "intercept": True},
+    "structured-camp-hive-summed": {"channel_score": "summed"},
+    "structured-taylor": {"criterion": "taylor"},
+    "structured-tp-taylor": {"criterion": "tp-taylor"},
+    "structured-tp-hessian": {"criterion": "tp-hessian"},
+}
 
 
 def _model():
@@ -99,6 +109,11 @@ def _pruning_checks(results, folder):
                                              **dict(model.named_buffers())}, label)
         torch.save(result.masks, folder / f"masks-{label}-rank{distributed.rank()}.pt")
         torch.save(dict(model.named_buffers()), folder / f"buffers-{label}-rank{distributed.rank()}.pt")
+    for label, options in STRUCTURED_CASES.items():
+        model = _model()
+        prune(model, share, 0.5, mode="structured", measure_latency=False, **options)
+        distributed.check_same_on_all_ranks(model.state_dict(), label)
+        torch.save(model.state_dict(), folder / f"state-{label}-rank{distributed.rank()}.pt")
     # A disagreement between processes is caught, with a clear message.
     try:
         distributed.check_same_on_all_ranks({"w": torch.full((3,), float(distributed.rank()))}, "probe")
@@ -214,6 +229,21 @@ def test_distributed_prune_gives_the_single_process_masks_and_batchnorm_statisti
         assert shared.keys() == buffers.keys()
         for name in buffers:
             assert torch.allclose(shared[name], buffers[name], rtol=1e-10, atol=1e-12), (label, rank, name)
+
+
+@pytest.mark.parametrize("label", list(STRUCTURED_CASES))
+def test_distributed_structured_prune_gives_the_single_process_model(worker_results, label):
+    folder, _ = worker_results
+    model = _model()
+    prune(model, _calibration(4), 0.5, mode="structured", measure_latency=False, **STRUCTURED_CASES[label])
+    reference = model.state_dict()
+    assert reference["0.weight"].shape[0] < 4 and reference["3.weight"].shape[0] < 6  # channels really went
+    for rank in range(WORLD):
+        state = torch.load(folder / f"state-{label}-rank{rank}.pt")
+        assert state.keys() == reference.keys()
+        for name in reference:
+            assert state[name].shape == reference[name].shape, (label, rank, name)
+            assert torch.allclose(state[name], reference[name], rtol=1e-9, atol=1e-12), (label, rank, name)
 
 
 def test_two_process_finetune_keeps_masks_and_identical_weights(worker_results):

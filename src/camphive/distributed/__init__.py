@@ -28,6 +28,7 @@ from camphive.distributed.collectives import (
     broadcast_buffers,
     broadcast_object,
     check_same_on_all_ranks,
+    collective_device,
     fingerprint,
     on_rank_zero,
     reduce_mean_,

@@ -13,8 +13,8 @@ from camphive.distributed.group import is_distributed, is_main_process, rank, wo
 from camphive.errors import CamphiveError, ConfigError, NumericalError
 
 
-def _scalar_device() -> torch.device:
-    """Where small bookkeeping tensors travel: the CPU under gloo, the process's GPU under NCCL alone."""
+def collective_device() -> torch.device:
+    """Where tensors must be to be reduced: the CPU under gloo, the process's GPU under NCCL alone."""
     backend = str(dist.get_backend()).lower()
     if "gloo" in backend or not torch.cuda.is_available():
         return torch.device("cpu")
@@ -46,7 +46,7 @@ def all_reduce_numbers(values: Sequence[float], op: str = "sum", dtype: torch.dt
     """Reduce a few Python numbers in one collective (counts stay exact below 2**53)."""
     if not is_distributed():
         return list(values)
-    tensor = torch.tensor(list(values), dtype=dtype, device=_scalar_device())
+    tensor = torch.tensor(list(values), dtype=dtype, device=collective_device())
     return all_reduce_(tensor, op).tolist()
 
 
@@ -121,8 +121,8 @@ def all_gather_rows(tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
 def all_gather_numbers(value: float) -> list[float]:
     if not is_distributed():
         return [value]
-    pieces = [torch.zeros(1, dtype=torch.float64, device=_scalar_device()) for _ in range(world_size())]
-    dist.all_gather(pieces, torch.tensor([float(value)], dtype=torch.float64, device=_scalar_device()))
+    pieces = [torch.zeros(1, dtype=torch.float64, device=collective_device()) for _ in range(world_size())]
+    dist.all_gather(pieces, torch.tensor([float(value)], dtype=torch.float64, device=collective_device()))
     return [float(piece) for piece in pieces]
 
 
@@ -148,7 +148,7 @@ def check_same_on_all_ranks(tensors: Mapping[str, torch.Tensor], what: str) -> N
         raise NumericalError(f"{what}: the processes hold different numbers of tensors ({-counts[1]:.0f} to {counts[0]:.0f})")
     if not names:
         return
-    prints = torch.stack([fingerprint(tensors[name]).cpu() for name in names]).to(_scalar_device())
+    prints = torch.stack([fingerprint(tensors[name]).cpu() for name in names]).to(collective_device())
     high, low = all_reduce_(prints.clone(), "max"), -all_reduce_(-prints, "max")
     differing = [name for name, same in zip(names, (high == low).all(dim=1).tolist()) if not same]
     if differing:

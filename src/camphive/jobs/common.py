@@ -92,15 +92,11 @@ def calibration_batches(name: str, root: str | None, samples: int, batch_size: i
     return list(datasets.loader(dataset, batch_size=batch_size, subset=samples, random_subset=True, seed=seed))
 
 
-def calibration_share(batches: list, mode: str = "unstructured") -> list:
+def calibration_share(batches: list) -> list:
     """This process's calibration batches under torchrun (all of them in one process).
 
-    Unstructured pruning and the spectrum reduce every curvature quantity (HVPs, gradients,
-    Fisher, layer covariances) and the BatchNorm statistics over the processes, so each process
-    takes a shard. Structured pruning (channel activations, Torch-Pruning's gradients) is still
-    computed per process, so there every process takes all the batches: the same result on
-    every process, without a speed-up.
+    Every curvature quantity (HVPs, gradients, Fisher, layer covariances, the Grams of
+    structured pruning's merges and scores) and the BatchNorm statistics are reduced over the
+    processes, so each process takes a shard, in both pruning modes.
     """
-    if mode != "unstructured":
-        return batches
     return distributed.shard_batches(batches)

@@ -6,7 +6,7 @@ plus ``finetune_state.pt``). ``resume=True`` continues from the last of these an
 the same result as an uninterrupted run with the same seed.
 
 Under torchrun every process loads the checkpoint and the same calibration set, takes its
-share of it (unstructured pruning: curvature reduced over the processes, see
+share of it (curvature, Grams and BatchNorm statistics are reduced over the processes, see
 ``jobs.common.calibration_share``), prunes, checks that all processes reached the same masks
 and weights, and fine-tunes with DDP; rank 0 alone writes. Resuming needs ``out`` on a
 filesystem every process can read.
@@ -74,7 +74,7 @@ def prune_job(
     if options.get("num_batches"):  # limit the whole calibration set before it is shared out
         calib = calib[: int(options.pop("num_batches"))]
     calib_counts = {"num_batches": len(calib), "num_samples": sum(int(inputs.shape[0]) for inputs, _ in calib)}
-    calib = calibration_share(calib, mode)
+    calib = calibration_share(calib)
     test = datasets.loader(datasets.load(dataset, root=data_root, split="test"), batch_size=512, device=device)
     run = RunFolder.create(out, overwrite=overwrite, resume=resume)
     log = run.logger()

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from camphive import distributed as dist_tools
 from camphive.errors import ConfigError
 from camphive.measure import eval_mode
 from camphive.pruning.channel_groups import ChannelGroup, GroupMember
@@ -76,11 +77,13 @@ def _read_positions(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def consumer_grams(model: nn.Module, batches, groups: list[ChannelGroup], flatten_fit: str = "shared"
-                   ) -> dict[tuple[str, str], ConsumerGram]:
+def consumer_grams(model: nn.Module, batches, groups: list[ChannelGroup], flatten_fit: str = "shared",
+                   distributed: bool | None = None) -> dict[tuple[str, str], ConsumerGram]:
     """``{(group key, consumer name): ConsumerGram}`` for the foldable consumers of ``groups``.
 
     With no batches the Grams are zero: enough for merges whose coefficients come from weights.
+    ``distributed``: ``None`` sums the Grams over the processes when a group runs (``batches``
+    is then this process's shard), ``False`` keeps this process's batches alone.
     """
     if flatten_fit not in FLATTEN_FITS:
         raise ConfigError(f"unknown flatten_fit {flatten_fit!r}; use one of {', '.join(FLATTEN_FITS)}")
@@ -128,7 +131,20 @@ def consumer_grams(model: nn.Module, batches, groups: list[ChannelGroup], flatte
     finally:
         for handle in handles:
             handle.remove()
+    if dist_tools.resolve(distributed) and results:
+        _sum_over_processes(list(results.values()))
     return results
+
+
+def _sum_over_processes(entries: list[ConsumerGram]) -> None:
+    """Every process's Gram sums and counts replaced by their totals over the processes, in place."""
+    device = dist_tools.collective_device()  # the Grams live on the CPU; NCCL reduces only GPU tensors
+    grams = [tensor.cpu() for tensor in dist_tools.all_reduce_tensors(
+        [entry.gram.to(device) for entry in entries] + [entry.sums.to(device) for entry in entries])]
+    counts = dist_tools.all_reduce_numbers([number for entry in entries for number in (entry.rows, entry.samples)])
+    for index, entry in enumerate(entries):
+        entry.gram, entry.sums = grams[index], grams[len(entries) + index]
+        entry.rows, entry.samples = int(counts[2 * index]), int(counts[2 * index + 1])
 
 
 def _damped_inverse_apply(gram_kept: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.Tensor:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
+from camphive import distributed
 from camphive.curvature.fisher import empirical_fisher_diagonal
 from camphive.errors import ConfigError
 from camphive.measure import eval_mode
@@ -139,15 +140,19 @@ def torch_pruning_scores(name: str, model: nn.Module, groups: list[ChannelGroup]
 
 
 def _set_mean_gradients(model: nn.Module, batches, loss_fn=None) -> None:
-    """``p.grad`` = gradient of the mean calibration loss (BatchNorm in eval mode)."""
+    """``p.grad`` = gradient of the mean calibration loss (BatchNorm in eval mode), over the
+    batches of every process when a process group runs (``batches`` is then this process's shard)."""
     loss_fn = loss_fn or F.cross_entropy
     model.zero_grad(set_to_none=True)
-    total = sum(int(inputs.shape[0]) for inputs, _ in batches)
+    total = distributed.all_reduce_int(sum(int(inputs.shape[0]) for inputs, _ in batches))
     device = next(model.parameters()).device
     with eval_mode(model), torch.enable_grad():
         for inputs, targets in batches:
             loss = loss_fn(model(inputs.to(device)), targets.to(device)) * (inputs.shape[0] / total)
             loss.backward()
+    gradients = [p.grad for p in model.parameters() if p.grad is not None]
+    for gradient, total_gradient in zip(gradients, distributed.all_reduce_tensors(gradients)):
+        gradient.copy_(total_gradient)
 
 
 def _set_mean_squared_sample_gradients(model: nn.Module, batches, loss_fn=None) -> None:

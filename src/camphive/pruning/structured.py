@@ -186,7 +186,7 @@ def prune_structured(
             remove_channels(graph, group, removals[group.key])
         _check_finite(model, f"cycle {cycle + 1}")
         if recalibrate_bn:
-            recalibrate_batchnorm(model, batches)
+            recalibrate_batchnorm(model, batches, reduce_over_processes=True)  # batches: this process's share
         macs_now = count_macs(model, one_sample)
         report = info.report()
         num_hvps += report["num_hvps"]
