@@ -43,7 +43,9 @@ def as_batches(data, batch_size: int = 128, shuffle: bool = False, seed: int = 0
 def take_batches(data, num_batches: int | None = None, batch_size: int = 128) -> list[Batch]:
     """Read the first ``num_batches`` batches (all when ``None``) into a list, checked.
 
-    Raises :class:`DataError` when there are none or a batch is not an ``(inputs, targets)`` pair.
+    Raises :class:`DataError` when there are none, a batch is not an ``(inputs, targets)`` pair
+    of tensors with one target per input, or floating-point inputs hold NaN or inf (they would
+    poison every curvature estimate and BatchNorm statistic).
     """
     batches = as_batches(data, batch_size=batch_size)
     taken = list(batches if num_batches is None else islice(batches, num_batches))
@@ -58,9 +60,17 @@ def take_batches(data, num_batches: int | None = None, batch_size: int = 128) ->
             )
         inputs, targets = batch[0], batch[1]
         if not torch.is_tensor(inputs) or not torch.is_tensor(targets):
-            raise DataError(f"batch {index} holds {type(inputs).__name__}/{type(targets).__name__}; inputs and targets must be tensors")
-        if inputs.shape[0] == 0:
+            hint = (" (a model with several inputs: wrap it in an nn.Module that takes one tensor and splits it)"
+                    if isinstance(inputs, (tuple, list)) else "")
+            raise DataError(f"batch {index} holds {type(inputs).__name__}/{type(targets).__name__}; inputs and "
+                            f"targets must be tensors{hint}")
+        if inputs.dim() == 0 or inputs.shape[0] == 0:
             raise DataError(f"batch {index} is empty; drop empty batches from the data")
+        if targets.dim() > 0 and targets.shape[0] != inputs.shape[0]:
+            raise DataError(f"batch {index} has {inputs.shape[0]} inputs but {targets.shape[0]} targets; give one "
+                            "target per input (the first dimension is the batch)")
+        if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
+            raise DataError(f"batch {index} holds NaN or inf inputs; clean or drop those samples")
         checked.append((inputs, targets))
     return checked
 

@@ -174,7 +174,7 @@ def layer_input_rows(layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         return rows.reshape(groups, -1, fan_in)
     raise ConfigError(
         f"reconstruction curvature supports Linear, Conv1d and Conv2d layers, not {type(layer).__name__}; "
-        "leave that layer out with layers=... or ignored_layers=..."
+        "leave that layer out: ignored_layers=[its name] in camphive.prune (layers=... when calling this directly)"
     )
 
 
@@ -332,6 +332,7 @@ def _select_layers(model: nn.Module, layers, ignored_layers) -> dict[str, nn.Mod
         if not isinstance(layer, SUPPORTED):
             raise ConfigError(
                 f"layer {name!r} is a {type(layer).__name__}; reconstruction curvature supports Linear, Conv1d and "
-                "Conv2d layers: leave it out with layers=... or ignored_layers=..."
+                f"Conv2d layers: leave it out with ignored_layers=[{name!r}] in camphive.prune (layers=... when "
+                "calling this directly)"
             )
     return chosen

@@ -102,6 +102,13 @@ def round_kept(kept: int, current: int, round_to: int | None) -> int:
     return current if rounded >= current else rounded
 
 
+def channel_step(group: ChannelGroup, round_to: int | None) -> int | None:
+    """The multiple a group's kept count is rounded to: ``round_to`` and the group's own constraint
+    (the number of its GroupNorm blocks), whichever both divide; None = no rounding."""
+    step = math.lcm(int(round_to or 1), group.multiple)
+    return step if step > 1 else None
+
+
 def uniform_kept(groups: list[ChannelGroup], original: dict[str, int], fraction: float, round_to: int | None,
                  min_channels: int | float) -> dict[str, int]:
     """Every group keeps ``1 - fraction`` of its original channels (never more than it has now)."""
@@ -109,7 +116,7 @@ def uniform_kept(groups: list[ChannelGroup], original: dict[str, int], fraction:
     for group in groups:
         n0 = original.get(group.key, group.size)
         count = max(minimum_kept(n0, min_channels), n0 - int(round(fraction * n0)))
-        kept[group.key] = min(group.size, round_kept(count, group.size, round_to))
+        kept[group.key] = min(group.size, round_kept(count, group.size, channel_step(group, round_to)))
     return kept
 
 
@@ -138,17 +145,18 @@ def uniform_kept_for_macs(groups, original, macs_model: MacsModel, target_macs: 
 
     fraction = fraction_reaching(None)
     exact = uniform_kept(groups, original, fraction, None, min_channels)
+    steps = {group.key: channel_step(group, round_to) or 1 for group in groups}
     if not round_to or round_to <= 1:
-        return exact, fraction
+        return exact, fraction  # (counts of groups with GroupNorm blocks are already multiples of them)
     sizes = {group.key: group.size for group in groups}
-    floors = {key: max(round_to, minimum_kept(original.get(key, sizes[key]), min_channels)) for key in sizes}
-    kept = {key: min(sizes[key], -(-count // round_to) * round_to) for key, count in exact.items()}
+    floors = {key: max(steps[key], minimum_kept(original.get(key, sizes[key]), min_channels)) for key in sizes}
+    kept = {key: min(sizes[key], -(-count // steps[key]) * steps[key]) for key, count in exact.items()}
     while macs_model.predict(kept) > target_macs:
-        lowerable = [key for key in kept if kept[key] - round_to >= floors[key] and kept[key] % round_to == 0]
+        lowerable = [key for key in kept if kept[key] - steps[key] >= floors[key] and kept[key] % steps[key] == 0]
         if not lowerable:  # the multiples cannot reach the target this way: fall back to nearest rounding
             return uniform_kept(groups, original, fraction_reaching(round_to), round_to, min_channels), fraction
         key = max(lowerable, key=lambda k: (kept[k] / max(exact[k], 1), sizes[k]))
-        kept[key] -= round_to
+        kept[key] -= steps[key]
     return kept, fraction
 
 
@@ -173,8 +181,9 @@ def _global_counts(groups, original, order, count, round_to, min_channels) -> di
         if kept[key] > floor[key]:
             kept[key] -= 1
             removed += 1
-    sizes = {group.key: group.size for group in groups}
-    return {key: min(sizes[key], round_kept(value, sizes[key], round_to)) for key, value in kept.items()}
+    by_key = {group.key: group for group in groups}
+    return {key: min(by_key[key].size, round_kept(value, by_key[key].size, channel_step(by_key[key], round_to)))
+            for key, value in kept.items()}
 
 
 def global_kept(groups, original, scores, remove_count: int, round_to, min_channels) -> dict[str, int]:
@@ -198,10 +207,18 @@ def global_kept_for_macs(groups, original, scores, macs_model: MacsModel, target
     return _global_counts(groups, original, order, low, round_to, min_channels)
 
 
-def lowest_channels(score: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of the ``count`` lowest-scoring channels (ties broken by index)."""
+def lowest_channels(score: torch.Tensor, count: int, blocks: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the ``count`` lowest-scoring channels (ties broken by index); with ``blocks``
+    (a block id per channel), ``count / number of blocks`` from every block."""
     if count <= 0:
         return torch.zeros(0, dtype=torch.int64)
+    if blocks is not None and int(blocks.max()) > 0:
+        number = int(blocks.max()) + 1
+        if count % number:
+            raise ConfigError(f"cannot remove {count} channels evenly from {number} GroupNorm groups")
+        chosen = [members[lowest_channels(score[members], count // number)]
+                  for members in (torch.nonzero(blocks == b).flatten() for b in range(number))]
+        return torch.cat(chosen).sort().values
     order = torch.argsort(score.double(), stable=True)
     return order[:count].sort().values
 

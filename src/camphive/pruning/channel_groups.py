@@ -67,6 +67,14 @@ class ChannelGroup:
     tp_group: object = field(repr=False, default=None)  # Torch-Pruning's Group (full indices)
     root_module: nn.Module | None = field(repr=False, default=None)
     root_function: object = field(repr=False, default=None)
+    # GroupNorm partitions: block id of each channel; removal takes as many channels from every
+    # block, so each normalisation group keeps its own channels (and a multiple of the block count).
+    blocks: torch.Tensor | None = field(repr=False, default=None)
+
+    @property
+    def multiple(self) -> int:
+        """Kept channel counts must be multiples of this (1, or the number of GroupNorm blocks)."""
+        return 1 if self.blocks is None else int(self.blocks.max()) + 1
 
     def by_role(self, *roles: str) -> list[GroupMember]:
         return [member for member in self.members if member.role in roles]
@@ -123,14 +131,58 @@ def _feeds_model_output(graph: tp.DependencyGraph, group) -> bool:
                and not isinstance(item.dep.target.module, nn.Parameter) for item in group)
 
 
-def channel_groups(model: nn.Module, graph: tp.DependencyGraph,
-                   ignored: list[nn.Module] | None = None) -> list[ChannelGroup]:
+def _unsupported(tp_group, names: dict) -> str | None:
+    """Why a group's channels cannot be removed here (or None): a grouped, not depthwise, conv."""
+    for item in tp_group:
+        module = item.dep.target.module
+        if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups != module.in_channels:
+            return (f"{names.get(module, '?')} is a grouped convolution (groups={module.groups}); its channels are "
+                    "kept")
+    return None
+
+
+def _group_norm_blocks(tp_group, size: int, names: dict) -> tuple[torch.Tensor | None, str | None]:
+    """Block id per root channel from the GroupNorms in the group (None: no GroupNorm), or why the
+    blocks cannot be kept balanced."""
+    blocks = torch.zeros(size, dtype=torch.int64)
+    found = False
+    for item in tp_group:
+        module = item.dep.target.module
+        if not isinstance(module, nn.GroupNorm):
+            continue
+        found = True
+        per_block = module.num_channels // module.num_groups
+        block_of_root = torch.full((size,), -1, dtype=torch.int64)
+        block_of_root[torch.as_tensor(list(item.root_idxs))] = torch.as_tensor(list(item.idxs)) // per_block
+        if bool((block_of_root < 0).any()):
+            return None, f"GroupNorm {names.get(module, '?')} reads only part of the group; its channels are kept"
+        blocks = blocks * module.num_groups + block_of_root
+    if not found:
+        return None, None
+    _, blocks = torch.unique(blocks, return_inverse=True)
+    counts = torch.bincount(blocks)
+    if not bool((counts == counts[0]).all()):
+        return None, "its GroupNorm groups are split unevenly; its channels are kept"
+    return blocks, None
+
+
+def channel_groups(model: nn.Module, graph: tp.DependencyGraph, ignored: list[nn.Module] | None = None,
+                   skipped: dict[str, str] | None = None) -> list[ChannelGroup]:
     """The prunable channel groups of ``model``: every group rooted at a conv or linear, except
-    those holding an ignored layer's output channels or the model's output (the classifier)."""
+    those holding an ignored layer's output channels or the model's output (the classifier),
+    and those whose channels cannot be removed here (a grouped convolution; GroupNorm groups
+    that cannot stay balanced): their root layer's name and the reason go into ``skipped``."""
     names = {module: name for name, module in model.named_modules()}
     groups = []
     for tp_group in graph.get_all_groups(ignored_layers=list(ignored or []), root_module_types=CONV_OR_LINEAR):
         if _feeds_model_output(graph, tp_group):
+            continue
+        size = len(tp_group[0].idxs)
+        reason = _unsupported(tp_group, names)
+        blocks, norm_reason = _group_norm_blocks(tp_group, size, names) if reason is None else (None, None)
+        if reason or norm_reason:
+            if skipped is not None:
+                skipped[names.get(tp_group[0].dep.target.module, "?")] = reason or norm_reason
             continue
         members: dict[tuple[int, str], GroupMember] = {}
         for item in tp_group:
@@ -144,11 +196,10 @@ def channel_groups(model: nn.Module, graph: tp.DependencyGraph,
             members[key] = GroupMember(names[module], module, role, torch.as_tensor(list(item.idxs), dtype=torch.int64),
                                        torch.as_tensor(list(item.root_idxs), dtype=torch.int64))
         root = tp_group[0].dep.target.module
-        size = len(tp_group[0].idxs)
         producers = sorted(m.name for m in members.values() if m.role in ("producer", "depthwise"))
         groups.append(ChannelGroup(key="+".join(producers) or names.get(root, "?"), root_name=names.get(root, "?"),
                                    size=size, members=list(members.values()), tp_group=tp_group, root_module=root,
-                                   root_function=tp_group[0].dep.handler))
+                                   root_function=tp_group[0].dep.handler, blocks=blocks))
     return groups
 
 

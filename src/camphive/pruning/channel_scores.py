@@ -69,6 +69,7 @@ class ChannelScorer:
             raise ConfigError(f"channel_score={channel_score!r} belongs to criterion camp-hive; "
                               f"drop it for {self.name}")
         self.channel_score = channel_score
+        self.seed = seed
         if self.name in TP_CRITERIA or channel_score != "summed":
             if options:
                 raise ConfigError(f"criterion {self.name} (channel_score {channel_score}) takes no options, "
@@ -89,14 +90,26 @@ class ChannelScorer:
                damping: float = 0.01) -> list[torch.Tensor]:
         """``[(group.size,) float64 tensor per group]``; ``grams`` from
         :func:`~camphive.pruning.channel_merging.consumer_grams` when ``channel_score="obs"``."""
-        if self.channel_score == "obs":
-            return [obs_saliency(group, grams or {}, damping) for group in groups]
-        if self.channel_score == "greedy_obs":
-            return [greedy_obs_scores(group, grams or {}, damping) for group in groups]
+        if self.channel_score in ("obs", "greedy_obs"):
+            saliency = obs_saliency if self.channel_score == "obs" else greedy_obs_scores
+            read = {key for key, _ in (grams or {})}
+            # A group no conv/linear reads (e.g. an LSTM does) has no fold-aware cost: its
+            # channels are scored by CAMP-HiVe's per-weight scores of the layers it has, summed.
+            unread = [group for group in groups if group.key not in read]
+            fallback = dict(zip((g.key for g in unread), self._summed_fallback(unread, info)))
+            return [fallback[group.key] if group.key in fallback else saliency(group, grams or {}, damping)
+                    for group in groups]
         if self.criterion is not None:
             weight_scores = self.criterion.scores(info)
             return [weight_scores_to_channels(group, weight_scores) for group in groups]
         return torch_pruning_scores(self.name, model, groups, batches, loss_fn)
+
+
+    def _summed_fallback(self, groups: list[ChannelGroup], info) -> list[torch.Tensor]:
+        if not groups:
+            return []
+        weight_scores = make_criterion("camp-hive", seed=self.seed).scores(info)
+        return [weight_scores_to_channels(group, weight_scores) for group in groups]
 
 
 @torch.no_grad()

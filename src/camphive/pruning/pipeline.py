@@ -131,10 +131,16 @@ def prune(
     cycle (cycle counted from 1); a run stopped after cycle k continues exactly with
     ``masks=<those masks>, start_cycle=k`` on the model saved at that point.
     """
+    if cycles is not None and (isinstance(cycles, bool) or int(cycles) < 1):
+        raise ConfigError(f"cycles must be >= 1 (or None for the default), got {cycles}")
+    if isinstance(ignored_layers, (str, nn.Module)):  # one layer given on its own
+        ignored_layers = [ignored_layers]
     batches = take_batches(calib_data, num_batches)
     check_model_runs(model, batches)
     if mode == "structured":
-        from camphive.pruning.structured import prune_structured
+        from camphive.pruning.structured import check_structured_options, prune_structured
+
+        check_structured_options(structured_options)
 
         if selection != "global" or min_keep != 0.01 or masks:
             raise ConfigError("selection, min_keep and masks apply to unstructured pruning; for structured pruning use "
@@ -201,6 +207,7 @@ def prune(
         info = CalibrationInfo(model, batches, params, loss_fn=loss_fn, cycle=cycle, settings=settings)
         scores = scorer.scores(info)
         pruned_now = select_to_prune(scores, alive, target, selection, min_keep)
+        prunes_any = any(bool(mask.any()) for mask in pruned_now.values())
         view = info.unit_curvature(curvature) if merge in ("curvature", "least_squares") or pairing == "coupled" and merge != "none" else None
         for name, parameter in params.items():
             if pruned_now[name].any():
@@ -210,9 +217,9 @@ def prune(
             alive[name] &= ~pruned_now[name]
         apply_masks(model, alive)
         _check_finite(params, f"cycle {cycle + 1} merge")
-        if recovery_steps:
+        if recovery_steps and prunes_any:  # a cycle that removes nothing leaves the model exactly as it was
             _recover(model, batches, alive, recovery_steps, recovery_lr, loss_fn)
-        if recalibrate_bn:
+        if recalibrate_bn and prunes_any:
             recalibrate_batchnorm(model, batches, reduce_over_processes=True)  # batches: this process's share
         report = info.report()
         info.close()
@@ -347,6 +354,10 @@ def check_model_runs(model: nn.Module, batches) -> None:
         outputs = forward_checked(model, inputs[:2].to(device), "the calibration data")
     finally:
         model.train(was_training)
+    if not torch.is_tensor(outputs):
+        raise ConfigError(f"the model returns a {type(outputs).__name__}, not a tensor; camphive prunes models whose "
+                          "forward returns one output tensor (logits): wrap yours in an nn.Module whose forward "
+                          "returns that tensor, e.g. outputs[0] or outputs['logits']")
     if outputs.ndim == 2 and not targets.dtype.is_floating_point:
         check_targets(targets, outputs.shape[-1], "the calibration data")
 

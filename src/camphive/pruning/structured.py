@@ -28,15 +28,17 @@ measured before and after.
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 
 import torch
 from torch import nn
 
 from camphive.batches import take_batches
-from camphive.errors import ConfigError, NumericalError
+from camphive.errors import ConfigError, NumericalError, one_line
 from camphive.layers import prunable_parameters
-from camphive.measure import MacsReport, as_input_tuple, count_macs, count_parameters
+from camphive.measure import (MacsReport, as_input_tuple, count_macs, count_parameters, eval_mode,
+                              inputs_on_model_device)
 from camphive.measure import measure_latency as time_models
 from camphive.pruning.calibration import CalibrationInfo
 from camphive.pruning.channel_budget import (MacsModel, check_targets, global_kept, global_kept_for_macs,
@@ -110,8 +112,11 @@ def prune_structured(
     operators that weigh more in a pruned model; it adds tens of seconds of compiling).
     The result's ``masks`` is empty (channels are gone, nothing is masked); ``sparsity`` is
     the fraction of prunable channels removed; ``extra`` holds MACs and parameter ratios,
-    whether a MACs target was reached, channel counts per group and latency (``None``
-    when not measured).
+    whether a MACs target was reached, channel counts per group, the groups left whole and why
+    (``skipped_groups``: grouped convolutions, GroupNorms that cannot stay balanced) and
+    latency (``None`` when not measured; ``{"skipped": reason}`` for models whose inputs are
+    not one floating-point tensor). Groups read by a GroupNorm lose as many channels from
+    each of its groups, and keep a multiple of its group count.
     """
     started = time.perf_counter()
     check_targets(sparsity, target_macs_ratio)
@@ -135,25 +140,34 @@ def prune_structured(
             raise ConfigError(f"unknown {option} {value!r} for structured pruning; use one of {', '.join(choices)}")
     batches = take_batches(calib_data, num_batches)
     example = as_input_tuple(example_inputs if example_inputs is not None else batches[0][0][:1])
-    if measure_latency and latency_channels_last and (len(example) != 1 or example[0].dim() != 4):
+    _check_example_runs(model, example)
+    latency_skipped = _latency_skip_reason(example) if measure_latency else None
+    if latency_skipped is None and measure_latency and latency_channels_last and example[0].dim() != 4:
         raise ConfigError("latency_channels_last needs one image input (N, C, H, W); time without it")
+    if isinstance(ignored_layers, (str, nn.Module)):  # one layer given on its own
+        ignored_layers = [ignored_layers]
     ignored = resolve_ignored(model, ignored_layers)
-    original_model = copy.deepcopy(model) if measure_latency else None
+    original_model = copy.deepcopy(model) if measure_latency and not latency_skipped else None
     out_channels_before = _out_channels(model)
     one_sample = tuple(x[:1] for x in example)
     macs_now = count_macs(model, one_sample)
     before = _summary(model, macs_now)
 
     history, original_sizes, eigenvalues, num_hvps, curvature_seconds = [], {}, {}, 0, 0.0
+    skipped: dict[str, str] = {}
     kept: dict[str, int] = {}
     reached = True
     for cycle in range(int(cycles)):
         cycle_start = time.perf_counter()
         graph = build_dependency_graph(model, example)
-        groups = channel_groups(model, graph, ignored)
+        skipped_now: dict[str, str] = {}
+        groups = channel_groups(model, graph, ignored, skipped_now)
+        if cycle == 0:
+            skipped = skipped_now
         if not groups and cycle == 0:
-            raise ConfigError("the model has no prunable channel groups (every conv/linear output is ignored or is "
-                              "the model's output); nothing to prune")
+            why = "; ".join(f"{name}: {reason}" for name, reason in skipped.items()) or (
+                "every conv/linear output is ignored or is the model's output")
+            raise ConfigError(f"the model has no prunable channel groups ({why}); nothing to prune")
         if cycle == 0:
             original_sizes = {group.key: group.size for group in groups}
         macs_model = MacsModel(model, groups, macs_now)
@@ -178,14 +192,15 @@ def prune_structured(
             kept = global_kept(groups, original_sizes, scores, max(0, goal - removed_so_far), round_to, min_channels)
         else:
             kept = uniform_kept(groups, original_sizes, sparsity * fraction_done, round_to, min_channels)
-        removals = {group.key: lowest_channels(score, group.size - kept[group.key])
+        removals = {group.key: lowest_channels(score, group.size - kept[group.key], group.blocks)
                     for group, score in zip(groups, scores)}
+        removes_any = any(r.numel() for r in removals.values())
         merged = _merge(model, groups, removals, scores, grams, merge, pairing, beta_from, flatten_fit, damping,
-                        intercept)
+                        intercept) if removes_any else {"folded": 0, "unfolded": 0}
         for group in groups:
             remove_channels(graph, group, removals[group.key])
         _check_finite(model, f"cycle {cycle + 1}")
-        if recalibrate_bn:
+        if recalibrate_bn and removes_any:  # nothing removed: the model stays exactly as it was
             recalibrate_batchnorm(model, batches, reduce_over_processes=True)  # batches: this process's share
         macs_now = count_macs(model, one_sample)
         report = info.report()
@@ -209,8 +224,10 @@ def prune_structured(
         "params_ratio": before["parameters"] / max(after["parameters"], 1),
         "target_macs_ratio": target_macs_ratio, "target_reached": bool(reached),
         "channels": {key: [size, final_sizes[key]] for key, size in original_sizes.items()},
-        "latency": _latency(original_model, model, example, latency_batch_sizes, latency_threads, latency_seconds,
-                            latency_channels_last, latency_compiled)
+        "skipped_groups": skipped,
+        "latency": ({"skipped": latency_skipped} if latency_skipped else
+                    _latency(original_model, model, example, latency_batch_sizes, latency_threads, latency_seconds,
+                             latency_channels_last, latency_compiled))
         if measure_latency else None,
     }
     config = {"mode": "structured", **scorer.describe(), "sparsity": sparsity, "target_macs_ratio": target_macs_ratio,
@@ -225,6 +242,35 @@ def prune_structured(
                        layer_sparsity=_layer_sparsity(out_channels_before, _out_channels(model)), before=before,
                        after=after, eigenvalues=eigenvalues, num_hvps=num_hvps, curvature_seconds=curvature_seconds,
                        seconds=time.perf_counter() - started, cycles=history, config=config, extra=extra)
+
+
+def _check_example_runs(model: nn.Module, example: tuple) -> None:
+    """Run the model once on the example inputs, so that inputs that do not fit fail here, in one line."""
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(*inputs_on_model_device(model, tuple(x[:1] for x in example)))
+    except RuntimeError as error:
+        shapes = ", ".join(str(tuple(x.shape)) for x in example)
+        raise ConfigError(f"example_inputs of shape {shapes} do not fit the model ({one_line(str(error))[:160]}); "
+                          "pass inputs shaped like a calibration batch") from error
+
+
+def _latency_skip_reason(example: tuple) -> str | None:
+    """Why the latency of this model cannot be timed on random inputs, or None."""
+    if len(example) != 1:
+        return f"the model takes {len(example)} inputs; latency is timed for one-input models"
+    if not example[0].is_floating_point():
+        return f"the model's inputs are {example[0].dtype} (not floating point); time it on your own inputs"
+    return None
+
+
+def check_structured_options(options: dict) -> None:
+    """Refuse keyword options :func:`prune_structured` does not take, with the ones it does."""
+    known = set(inspect.signature(prune_structured).parameters) - {"model", "calib_data", "sparsity"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"unknown option(s) for structured pruning: {', '.join(unknown)}; structured options are "
+                          f"{', '.join(sorted(known))}")
 
 
 def _needs_activations(scorer: ChannelScorer, merge: str, pairing: str, beta_from: str) -> bool:
