@@ -7,8 +7,11 @@ import torch
 from torch import nn
 
 import camphive.export as export_module
-from camphive.errors import CamphiveError
-from camphive.export import conv_batchnorm_pairs, export_onnx, fold_batchnorm
+from camphive import models
+from camphive.checkpoints import save_checkpoint
+from camphive.errors import CamphiveError, ConfigError
+from camphive.export import ExampleInputsError, conv_batchnorm_pairs, export_onnx, fold_batchnorm
+from camphive.jobs.export import export_job
 
 
 @pytest.fixture(autouse=True)
@@ -270,3 +273,66 @@ def test_small_cnn_folds_all_three_batchnorms():
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(fold_batchnorm(model)(x), model.eval()(x), atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- inputs that do not fit
+
+
+def test_example_inputs_the_model_cannot_take_are_a_one_line_config_error_before_any_file(tmp_path):
+    path = tmp_path / "nested" / "model.onnx"
+    with pytest.raises(ConfigError, match=r"cannot run on inputs of shape \(1, 1, 8, 8\) float32 .*3 channels") as error:
+        export_onnx(nn.Conv2d(3, 4, 3), path, torch.randn(1, 1, 8, 8))
+    assert isinstance(error.value, ExampleInputsError) and error.value.shapes == [(1, 1, 8, 8)]
+    assert "\n" not in str(error.value)
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its folder was created
+    kept = tmp_path / "kept.onnx"
+    kept.write_bytes(b"previous export")
+    with pytest.raises(ConfigError, match="shape and dtype"):
+        export_onnx(nn.Linear(3, 2), kept, torch.randn(1, 5))
+    assert kept.read_bytes() == b"previous export"
+
+
+class FixedBatch(nn.Module):
+    """Runs only on a batch of one: the forward flattens the batch away."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.reshape(1, -1))
+
+
+def test_a_model_with_a_fixed_batch_size_is_told_to_export_without_dynamic_batch(tmp_path):
+    with pytest.raises(ExampleInputsError, match=r"shape \(2, 3\).*dynamic_batch=False"):
+        export_onnx(FixedBatch(), tmp_path / "fixed.onnx", torch.randn(1, 3))
+    assert list(tmp_path.iterdir()) == []  # the temporary file is gone too
+    result = export_onnx(FixedBatch(), tmp_path / "fixed.onnx", torch.randn(1, 3), dynamic_batch=False)
+    assert result.checked_batch_sizes == [1]
+
+
+@pytest.fixture
+def rgb_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = models.create("small-cnn", num_classes=10, in_channels=3)
+    return save_checkpoint(tmp_path / "model.safetensors", model, input_shape=[3, 32, 32])
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32)])
+def test_export_job_names_the_shape_given_and_the_recorded_one(rgb_checkpoint, tmp_path, shape):
+    target = tmp_path / "out" / "shape.onnx"
+    given = ",".join(map(str, shape))
+    with pytest.raises(ConfigError, match=rf"--input-shape {given} does not fit .*pass --input-shape 3,32,32 \(recorded") as error:
+        export_job(checkpoint=rgb_checkpoint, onnx=target, input_shape=shape)
+    assert "\n" not in str(error.value)
+    assert not target.parent.exists()
+
+
+def test_export_job_refuses_sizes_below_one_and_names_a_recorded_shape_it_cannot_run(tmp_path):
+    model = models.create("small-cnn", num_classes=10, in_channels=3)
+    wrong = save_checkpoint(tmp_path / "wrong.safetensors", model, input_shape=[1, 28, 28])
+    with pytest.raises(ConfigError, match=r"--input-shape 0,32,32 has a size below 1"):
+        export_job(checkpoint=wrong, onnx=tmp_path / "zero.onnx", input_shape=(0, 32, 32))
+    with pytest.raises(ConfigError, match=r"records input shape 1,28,28, which its model does not accept"):
+        export_job(checkpoint=wrong, onnx=tmp_path / "recorded.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wrong.safetensors"]

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from camphive.errors import CamphiveError, one_line
+from camphive.errors import CamphiveError, ConfigError, one_line
 from camphive.measure import Inputs, as_input_tuple, eval_mode
 
 _FOLDABLE_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -176,7 +176,9 @@ def export_onnx(
     ``input`` (``input_0``... for several), outputs ``output`` (``output_0``...); with
     ``dynamic_batch`` their first dimension is named ``batch``. The model stays on its
     device and keeps its training flags. Raises :class:`CamphiveError` (one line) when the
-    path cannot be written, the export fails, or onnxruntime disagrees with PyTorch.
+    path cannot be written, the export fails, or onnxruntime disagrees with PyTorch, and
+    :class:`ExampleInputsError` (a :class:`ConfigError`) when the model cannot run on
+    ``example_inputs`` (a wrong shape or dtype), before any file is created.
     """
     inputs = as_input_tuple(example_inputs)
     target = Path(path)
@@ -186,10 +188,12 @@ def export_onnx(
     work_model, pairs = _fold_copy(model) if fold_batchnorm else (model, [])
     device = next((p.device for p in work_model.parameters()), inputs[0].device)
     inputs = tuple(x.to(device) for x in inputs)
+    with eval_mode(work_model):
+        # Before anything is written: inputs the model cannot take leave no file (nor folder).
+        reference = _torch_outputs(work_model, inputs, _EXAMPLE_HINT)
     temporary = _temporary_file_beside(target)
     try:
         with eval_mode(work_model):
-            reference = _torch_outputs(work_model, inputs)
             input_names = ["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))]
             output_names = ["output"] if len(reference) == 1 else [f"output_{i}" for i in range(len(reference))]
             dynamic_axes = {name: {0: "batch"} for name in input_names + output_names} if dynamic_batch else None
@@ -225,9 +229,35 @@ def _temporary_file_beside(target: Path) -> Path:
     return Path(name)
 
 
+class ExampleInputsError(ConfigError):
+    """The model raised an error on the example inputs (their shape or dtype does not fit it)."""
+
+    def __init__(self, message: str, shapes: list[tuple[int, ...]], detail: str) -> None:
+        super().__init__(message)
+        self.shapes = shapes  # the example inputs' shapes, batch dimension included
+        self.detail = detail  # the model's own complaint, one line
+
+
+_EXAMPLE_HINT = "pass example inputs of the shape and dtype the model was built for"
+_OTHER_BATCH_HINT = (
+    "the model runs on the example batch only, so its batch size is fixed; export with dynamic_batch=False"
+)
+
+
 @torch.inference_mode()
-def _torch_outputs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-    output = model(*inputs)
+def _torch_outputs(model: nn.Module, inputs: tuple[torch.Tensor, ...], hint: str = _EXAMPLE_HINT) -> list[torch.Tensor]:
+    try:
+        output = model(*inputs)
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError, TypeError, IndexError) as error:
+        # What a forward raises on inputs of the wrong shape or dtype; one line, not a traceback.
+        shapes = [tuple(x.shape) for x in inputs]
+        described = ", ".join(f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}" for x in inputs)
+        detail = f"{type(error).__name__}: {one_line(str(error))[:200]}"
+        raise ExampleInputsError(
+            f"the model cannot run on inputs of shape {described} ({detail}); {hint}", shapes, detail
+        ) from error
     outputs = [output] if isinstance(output, torch.Tensor) else output
     if not isinstance(outputs, (list, tuple)) or not all(isinstance(o, torch.Tensor) for o in outputs):
         raise CamphiveError(
@@ -269,7 +299,7 @@ def _check_with_onnxruntime(model, file: Path, inputs, reference, input_names, d
     batches = [(inputs, reference)]
     if dynamic_batch and inputs[0].dim() > 0:
         other = _random_like_with_batch(inputs, 2 if inputs[0].shape[0] != 2 else 3)
-        batches.append((other, _torch_outputs(model, other)))
+        batches.append((other, _torch_outputs(model, other, _OTHER_BATCH_HINT)))
     max_diff = 0.0
     checked = []
     for batch_inputs, expected in batches:

@@ -1,13 +1,15 @@
 """Eigen-solvers against torch.linalg.eigh on dense matrices and a tiny network's Hessian."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from camphive.curvature.eigen import EigenResult, top_eigenpairs
 from camphive.curvature.hvp import HessianOperator
 from camphive.curvature.operators import DenseOperator
-from camphive.errors import ConfigError
+from camphive.errors import ConfigError, NumericalError
 
 from .cases import dense_hessian, image_batches, make_cnn, weight_names
 
@@ -80,13 +82,42 @@ def test_non_convergence_is_reported(method):
     result = top_eigenpairs(DenseOperator(matrix), k=2, method=method, tol=1e-12, max_iter=2)
     assert not result.all_converged
     assert "max_iter" in result.message or "maxiter" in result.message
-    assert result.to_dict()["converged"].count(False) >= 1
-    assert len(result.eigenvalues) == 2 and result.eigenvectors.shape == (300, 2)
+    summary = json.loads(json.dumps(result.to_dict(), allow_nan=False))  # strict JSON: no NaN anywhere
+    assert summary["converged"].count(False) + summary["missing"] >= 1
+    found = len(result.eigenvalues)
+    assert found + result.missing == 2 and result.eigenvectors.shape == (300, found)
+    assert torch.isfinite(result.eigenvalues).all()
+    if method != "eigsh":  # Lanczos and power iteration keep their estimates; ARPACK gives none
+        assert found == 2
 
 
-def test_fewer_products_than_eigenpairs_pads_with_nan():
-    result = top_eigenpairs(matrix_with_spectrum(SPECTRUM), k=3, method="lanczos", max_iter=2)
-    assert result.converged[2] is False and torch.isnan(result.eigenvalues[2])
+def test_lanczos_refuses_fewer_products_than_eigenpairs():
+    matrix = matrix_with_spectrum(SPECTRUM)
+    with pytest.raises(ConfigError, match=r"k=3 were asked with max_iter=2; pass max_iter >= 3") as error:
+        top_eigenpairs(matrix, k=3, method="lanczos", max_iter=2)
+    assert "\n" not in str(error.value)
+    # Exactly k products: k finite estimates, flagged when not converged, never NaN.
+    result = top_eigenpairs(matrix, k=3, method="lanczos", max_iter=3, tol=1e-12)
+    assert len(result.eigenvalues) == 3 and torch.isfinite(result.eigenvalues).all()
+    assert not result.all_converged and "max_iter=3" in result.message
+    # Power iteration spends max_iter per eigenpair: one product each still gives k estimates.
+    power = top_eigenpairs(matrix, k=3, method="power", max_iter=1)
+    assert len(power.eigenvalues) == 3 and torch.isfinite(power.eigenvalues).all()
+
+
+@pytest.mark.parametrize("method", ["lanczos", "power", "eigsh"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_products_that_are_not_finite_raise_a_numerical_error(method, bad):
+    matrix = matrix_with_spectrum(SPECTRUM)
+    matrix[3, 4] = matrix[4, 3] = bad
+    with pytest.raises(NumericalError, match="product 1 of the eigen-solver is NaN or inf"):
+        top_eigenpairs(matrix, k=2, method=method)
+
+
+def test_unknown_residuals_are_null_in_json():
+    summary = top_eigenpairs(matrix_with_spectrum(SPECTRUM), k=2, method="eigsh", tol=1e-10).to_dict()
+    assert summary["residual_norms"] == [None, None] and summary["missing"] == 0
+    assert json.loads(json.dumps(summary, allow_nan=False))["eigenvalues"] == pytest.approx([10.0, -7.0], rel=1e-8)
 
 
 def test_which_largest_and_smallest():

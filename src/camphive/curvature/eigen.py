@@ -20,7 +20,15 @@ minimum has negative eigenvalues, and negative curvature is real information, no
   per-iteration history and ``max_iter`` is its restart limit.
 
 A run that stops before every eigenpair meets ``tol`` says so: ``converged`` holds False for
-those and ``message`` explains; nothing is dropped silently.
+those and ``message`` explains; nothing is dropped silently. No eigenvalue is ever NaN:
+
+* ``max_iter`` too small to deliver ``k`` pairs at all is refused up front with a
+  :class:`ConfigError` (Lanczos builds one Ritz value per product, so it needs
+  ``max_iter >= k``, see :func:`min_max_iter`), as scipy's ``eigsh`` refuses ``ncv <= k``:
+  ``max_iter`` is a cost limit the caller chose, so it is never raised behind their back;
+* when ARPACK stops early, only the pairs it converged are returned and ``missing`` counts
+  the others (it gives no estimates for them);
+* products that are NaN or inf raise :class:`NumericalError`.
 """
 from __future__ import annotations
 
@@ -32,7 +40,7 @@ import torch
 
 from camphive.curvature.flat import seeded_normal
 from camphive.curvature.operators import DenseOperator, as_scipy_operator, operator_device, operator_dtype
-from camphive.errors import ConfigError
+from camphive.errors import ConfigError, NumericalError
 
 EIGEN_METHODS = ("lanczos", "power", "eigsh")
 DEFAULT_EIGEN_METHOD = "lanczos"
@@ -43,10 +51,11 @@ WHICH = ("magnitude", "largest", "smallest")
 class EigenResult:
     """Eigenpairs and how they were found.
 
-    ``eigenvalues``: ``(k,)``; ``eigenvectors``: ``(dim, k)``, unit columns; ``history[i]``:
+    ``eigenvalues``: ``(k,)``, finite; ``eigenvectors``: ``(dim, k)``, unit columns; ``history[i]``:
     the estimates of eigenvalue ``i`` after each product, and ``history_matvecs[i]`` the
     products used so far at each of those estimates; ``residual_norms[i]``: ``||H u - lambda u||``
-    (an estimate for Lanczos, ``nan`` when unknown).
+    (an estimate for Lanczos, ``nan`` when unknown, ``None`` in :meth:`to_dict`); ``missing``:
+    pairs asked for but not found (eigsh stopping early), so ``k`` above is one less for each.
     """
 
     eigenvalues: torch.Tensor
@@ -61,13 +70,15 @@ class EigenResult:
     tol: float = 1e-3
     residual_norms: list[float] = field(default_factory=list)
     message: str = ""
+    missing: int = 0
 
     @property
     def all_converged(self) -> bool:
-        return all(self.converged)
+        return all(self.converged) and not self.missing
 
     def to_dict(self) -> dict:
-        """JSON-ready summary (eigenvectors left out: they are ``dim x k`` numbers)."""
+        """JSON-ready summary (eigenvectors left out: they are ``dim x k`` numbers; unknown
+        residual norms are ``None``, since JSON has no NaN)."""
         return {
             "method": self.method,
             "which": self.which,
@@ -76,12 +87,28 @@ class EigenResult:
             "converged": list(self.converged),
             "num_matvecs": self.num_matvecs,
             "wall_time_s": self.wall_time_s,
-            "residual_norms": [float(value) for value in self.residual_norms],
+            "residual_norms": [_finite_or_none(value) for value in self.residual_norms],
             "history": [list(map(float, values)) for values in self.history],
             "history_matvecs": [list(map(int, counts)) for counts in self.history_matvecs],
             "eigenvectors_shape": list(self.eigenvectors.shape),
             "message": self.message,
+            "missing": self.missing,
         }
+
+
+def _finite_or_none(value) -> float | None:
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+def min_max_iter(method: str, k: int) -> int:
+    """The smallest ``max_iter`` with which ``method`` can return ``k`` eigenpairs at all.
+
+    Lanczos gets one Ritz value per product, so ``k``; power iteration (``max_iter`` per pair)
+    and eigsh (``max_iter`` restarts) need 1. Converged values need more: for Lanczos a few
+    times ``k`` products on a Hessian's spectrum.
+    """
+    return k if method == "lanczos" else 1
 
 
 def top_eigenpairs(
@@ -96,8 +123,11 @@ def top_eigenpairs(
     """The ``k`` eigenpairs of largest magnitude (sign kept) of a symmetric operator.
 
     ``which="largest"``/``"smallest"`` select algebraically instead (Lanczos and eigsh).
-    ``max_iter``: products per eigenpair for power iteration, products in all for Lanczos.
-    A ``torch.Tensor`` matrix is accepted and wrapped in a ``DenseOperator``.
+    ``max_iter``: products per eigenpair for power iteration, products in all for Lanczos
+    (which must then be at least ``k``: a :class:`ConfigError` says so otherwise, see
+    :func:`min_max_iter`), restarts for eigsh. A ``torch.Tensor`` matrix is accepted and
+    wrapped in a ``DenseOperator``. Raises :class:`NumericalError` when the operator's
+    products are not finite.
     """
     if torch.is_tensor(operator):
         operator = DenseOperator(operator)
@@ -109,6 +139,11 @@ def top_eigenpairs(
         raise ConfigError(f"k={k} eigenpairs asked of an operator of dimension {operator.dim}; use 1 <= k <= dim")
     if tol <= 0 or max_iter < 1:
         raise ConfigError(f"tol={tol} and max_iter={max_iter}; both must be positive")
+    if max_iter < min_max_iter(method, k):
+        raise ConfigError(
+            f"Lanczos finds at most one eigenpair per product, and k={k} were asked with max_iter={max_iter}; "
+            f"pass max_iter >= {k} (converged values usually take several times k) or a smaller k"
+        )
     start = time.perf_counter()
     if method == "power":
         if which != "magnitude":
@@ -143,10 +178,11 @@ def _power(operator, k: int, tol: float, max_iter: int, seed: int) -> EigenResul
             product = _project_out(operator.matvec(vector), found)
             used += 1
             value = float(torch.dot(vector, product))
+            norm = float(product.norm())
+            _require_finite(value, norm, used)
             estimates.append(value)
             at.append(used)
             residual = float((product - value * vector).norm())
-            norm = float(product.norm())
             if previous is not None and abs(value - previous) <= tol * abs(value):
                 done = True
                 break
@@ -182,6 +218,16 @@ def _power(operator, k: int, tol: float, max_iter: int, seed: int) -> EigenResul
     return result
 
 
+def _require_finite(*numbers_and_count) -> None:
+    """A NaN/inf product shows in the scalars taken from it (its dot and norm): no extra sync."""
+    *numbers, count = numbers_and_count
+    if not all(np.isfinite(number) for number in numbers):
+        raise NumericalError(
+            f"matrix-vector product {count} of the eigen-solver is NaN or inf; for a loss Hessian, check the "
+            "model's weights, the data and the loss for NaN/inf"
+        )
+
+
 def _project_out(vector: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     if basis.shape[1] == 0:
         return vector
@@ -210,6 +256,7 @@ def _lanczos(operator, k: int, tol: float, max_iter: int, seed: int, which: str)
         for _ in range(2):  # full reorthogonalization, twice: keeps the basis orthogonal in float32
             product = product - basis[:, : step + 1] @ (basis[:, : step + 1].T @ product)
         beta = float(product.norm())
+        _require_finite(alpha, beta, step + 1)
         alphas.append(alpha)
         ritz_values, ritz_vectors = eigh_tridiagonal(np.array(alphas), np.array(betas))
         top = _order(ritz_values, which)[:k]
@@ -236,14 +283,11 @@ def _lanczos(operator, k: int, tol: float, max_iter: int, seed: int, which: str)
             betas.append(beta)
             vector = product / beta
     used = len(alphas)
+    # top_eigenpairs asks for max_iter >= k (and k <= dim), so the space holds k Ritz pairs.
+    assert len(top) == k, (len(top), k)
     vectors = basis[:, :used] @ torch.as_tensor(ritz_vectors[:, top], dtype=dtype, device=device)
     values = ritz_values[top].tolist()
     converged = [bool(flag) for flag in met]
-    missing = k - len(top)  # fewer products than k: the Krylov space holds fewer Ritz pairs
-    if missing:
-        values += [float("nan")] * missing
-        vectors = torch.cat([vectors, torch.zeros(operator.dim, missing, dtype=dtype, device=device)], dim=1)
-        converged += [False] * missing
     result = EigenResult(
         eigenvalues=torch.tensor(values, dtype=torch.float64),
         eigenvectors=vectors,
@@ -253,7 +297,7 @@ def _lanczos(operator, k: int, tol: float, max_iter: int, seed: int, which: str)
         converged=converged,
         wall_time_s=0.0,
         method="lanczos",
-        residual_norms=[float(value) for value in residuals] + [float("nan")] * missing,
+        residual_norms=[float(value) for value in residuals],
     )
     if not result.all_converged:
         result.message = (
@@ -276,25 +320,27 @@ def _eigsh(operator, k: int, tol: float, max_iter: int, seed: int, which: str) -
     message = ""
     try:
         values, vectors = eigsh(linear, k=k, which=arpack_which, tol=tol, maxiter=max_iter, v0=start)
-        converged = [True] * k
     except ArpackNoConvergence as error:
+        # ARPACK gives the converged pairs only, no estimates for the rest: return those, count the rest.
         values, vectors = error.eigenvalues, error.eigenvectors
-        converged = [True] * len(values) + [False] * (k - len(values))
-        message = f"eigsh did not converge within maxiter={max_iter} restarts: {len(values)} of {k} eigenpairs found"
-        values = np.concatenate([values, np.full(k - len(values), np.nan)])
-        vectors = np.concatenate([vectors, np.zeros((operator.dim, k - vectors.shape[1]))], axis=1)
-    order = _order(np.nan_to_num(values, nan=0.0), which)
+        message = (
+            f"eigsh did not converge within maxiter={max_iter} restarts: {len(values)} of {k} eigenpairs found "
+            "(only those are returned); raise max_iter or use method='lanczos'"
+        )
+    found = len(values)
+    order = _order(values, which)
     return EigenResult(
         eigenvalues=torch.tensor(values[order], dtype=torch.float64),
         eigenvectors=torch.as_tensor(vectors[:, order], dtype=dtype, device=device),
-        history=[[] for _ in range(k)],
-        history_matvecs=[[] for _ in range(k)],
+        history=[[] for _ in range(found)],
+        history_matvecs=[[] for _ in range(found)],
         num_matvecs=counted.num_matvecs,
-        converged=[converged[i] for i in order],
+        converged=[True] * found,
         wall_time_s=0.0,
         method="eigsh",
-        residual_norms=[float("nan")] * k,
+        residual_norms=[float("nan")] * found,
         message=message,
+        missing=k - found,
     )
 
 
@@ -310,4 +356,6 @@ class _Counting:
 
     def matvec(self, vector: torch.Tensor) -> torch.Tensor:
         self.num_matvecs += 1
-        return self.operator.matvec(vector)
+        product = self.operator.matvec(vector)
+        _require_finite(float(product.norm()), self.num_matvecs)  # ARPACK would fail on it obscurely
+        return product

@@ -7,14 +7,15 @@ the global ones; the trace is Hutchinson's estimate with Rademacher probes.
 from __future__ import annotations
 
 import io
+import math
 import time
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from camphive.curvature.eigen import DEFAULT_EIGEN_METHOD, EigenResult, top_eigenpairs
+from camphive.curvature.eigen import DEFAULT_EIGEN_METHOD, EigenResult, min_max_iter, top_eigenpairs
 from camphive.curvature.hutchinson import TraceEstimate, hutchinson_trace
-from camphive.curvature.hvp import DEFAULT_HVP_METHOD, HessianOperator
+from camphive.curvature.hvp import DEFAULT_HVP_METHOD, HessianOperator, _select_parameters
 from camphive.errors import ConfigError
 from camphive.runs import atomic_write_bytes
 
@@ -23,7 +24,8 @@ from camphive.runs import atomic_write_bytes
 class SpectrumResult:
     """``global_eigen``: top eigenpairs of the whole Hessian; ``layers``: ``{parameter name:
     top eigenpairs of its diagonal block}``; ``trace``: Hutchinson's estimate (or None).
-    ``num_matvecs``: Hessian-vector products in all (a block product counts as one)."""
+    ``num_matvecs``: Hessian-vector products in all (a block product counts as one);
+    ``warnings``: one line per eigen-solve that stopped before converging (see ``message``)."""
 
     dim: int
     params: list[str]
@@ -36,7 +38,9 @@ class SpectrumResult:
     settings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {
+        """JSON-ready, strictly: numbers that are not finite (the standard error of a one-probe
+        trace, an unknown residual) are ``None``, since JSON has no NaN."""
+        return _finite_or_none({
             "dim": self.dim,
             "params": list(self.params),
             "num_samples": self.num_samples,
@@ -46,7 +50,13 @@ class SpectrumResult:
             "trace": None if self.trace is None else self.trace.to_dict(),
             "num_matvecs": self.num_matvecs,
             "wall_time_s": self.wall_time_s,
-        }
+            "warnings": self.warnings,
+        })
+
+    @property
+    def warnings(self) -> list[str]:
+        solves = [("global", self.global_eigen)] + [(f"layer {name}", result) for name, result in self.layers.items()]
+        return [f"{where}: {result.message}" for where, result in solves if not result.all_converged]
 
 
 def spectrum(
@@ -68,7 +78,16 @@ def spectrum(
     ignored_layers=None,
 ) -> SpectrumResult:
     """Top ``top_k`` Hessian eigenvalues (by magnitude, sign kept), the top ``layer_top_k`` of
-    each layer's block when ``per_layer``, and the trace from ``trace_probes`` probes (0: skip)."""
+    each layer's block when ``per_layer``, and the trace from ``trace_probes`` probes (0: skip).
+
+    Checked before any Hessian-vector product, as one-line :class:`ConfigError`: ``top_k`` must
+    not exceed the Hessian's dimension (the number of parameters analysed), and with Lanczos
+    ``max_iter`` (products in all) must be at least the number of eigenpairs asked, since each
+    product adds one Ritz value (:func:`~camphive.curvature.eigen.min_max_iter`); ``max_iter``
+    is a cost limit, so it is never raised silently. ``layer_top_k`` is capped at each block's
+    size (a layer's bias may hold fewer numbers). Eigen-solves that stop before ``tol`` is met
+    keep their estimates, flagged in ``converged`` and listed in ``warnings``.
+    """
     if top_k < 1 or layer_top_k < 1 or trace_probes < 0:
         raise ConfigError(f"top_k={top_k}, layer_top_k={layer_top_k}, trace_probes={trace_probes}; counts must be positive (probes >= 0)")
     start = time.perf_counter()
@@ -76,7 +95,9 @@ def spectrum(
         model, data, loss_fn=loss_fn, params=params, num_batches=num_batches, method=hvp_method,
         cache_graph=cache_graph, ignored_layers=ignored_layers,
     ) as operator:
-        global_eigen = top_eigenpairs(operator, k=min(top_k, operator.dim), method=method, tol=tol, max_iter=max_iter, seed=seed)
+        sizes = [shape.numel() for shape in operator.shapes]
+        _check_counts(sizes, top_k, layer_top_k if per_layer else 0, method, max_iter)
+        global_eigen = top_eigenpairs(operator, k=top_k, method=method, tol=tol, max_iter=max_iter, seed=seed)
         layers = {}
         used = global_eigen.num_matvecs
         if per_layer:
@@ -95,6 +116,54 @@ def spectrum(
             dim=operator.dim, params=list(operator.params), num_samples=operator.num_samples,
             global_eigen=global_eigen, layers=layers, trace=trace, num_matvecs=used,
             wall_time_s=time.perf_counter() - start, settings=settings,
+        )
+
+
+def _finite_or_none(value):
+    """``value`` with every NaN/inf float replaced by ``None``, through dicts and lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    return value
+
+
+def check_spectrum_request(
+    model: nn.Module,
+    top_k: int = 5,
+    *,
+    method: str = DEFAULT_EIGEN_METHOD,
+    max_iter: int = 100,
+    per_layer: bool = True,
+    layer_top_k: int = 1,
+    params=None,
+    ignored_layers=None,
+) -> None:
+    """Raise the :class:`ConfigError` that :func:`spectrum` would raise for these counts, without
+    data or any product: lets a job refuse them before it creates its run folder."""
+    if top_k < 1 or layer_top_k < 1:
+        raise ConfigError(f"top_k={top_k}, layer_top_k={layer_top_k}; counts must be positive")
+    sizes = [tensor.numel() for tensor in _select_parameters(model, params, ignored_layers).values()]
+    _check_counts(sizes, top_k, layer_top_k if per_layer else 0, method, max_iter)
+
+
+def _check_counts(sizes: list[int], top_k: int, layer_top_k: int, method: str, max_iter: int) -> None:
+    """Refuse eigenpair counts the solver cannot deliver; ``sizes``: numbers per parameter tensor."""
+    dim = sum(sizes)
+    if top_k > dim:
+        raise ConfigError(
+            f"top_k={top_k} eigenvalues asked of a Hessian of dimension {dim} (the parameters analysed); "
+            f"pass top_k <= {dim}"
+        )
+    largest_block_k = max((min(layer_top_k, size) for size in sizes), default=0)
+    needed = min_max_iter(method, max(top_k, largest_block_k))
+    if max_iter < needed:
+        which, asked = ("top_k", top_k) if top_k >= largest_block_k else ("layer_top_k", layer_top_k)
+        raise ConfigError(
+            f"max_iter={max_iter} products cannot give {which}={asked} eigenvalues with {method} (one per product); "
+            f"pass max_iter >= {needed} (converged values usually take several times that) or a smaller {which}"
         )
 
 

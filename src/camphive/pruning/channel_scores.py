@@ -104,7 +104,6 @@ class ChannelScorer:
             return [weight_scores_to_channels(group, weight_scores) for group in groups]
         return torch_pruning_scores(self.name, model, groups, batches, loss_fn)
 
-
     def _summed_fallback(self, groups: list[ChannelGroup], info) -> list[torch.Tensor]:
         if not groups:
             return []
