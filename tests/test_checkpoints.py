@@ -3,7 +3,7 @@ import torch
 
 from camphive import models
 from camphive.checkpoints import load_checkpoint, read_checkpoint, save_checkpoint
-from camphive.errors import CheckpointError
+from camphive.errors import CheckpointError, ConfigError
 
 
 def test_round_trip_rebuilds_model_masks_and_metadata(tmp_path):
@@ -53,3 +53,37 @@ def test_user_model_without_architecture_needs_the_model(tmp_path):
         load_checkpoint(path)
     loaded = load_checkpoint(path, model=torch.nn.Sequential(torch.nn.Linear(3, 2)))
     assert torch.equal(loaded.model[0].weight, model[0].weight)
+
+
+def test_checkpoint_records_its_dataset_options_and_gives_them_back(tmp_path):
+    from camphive.jobs.common import checkpoint_dataset, checkpoint_metadata, load_splits, model_for
+
+    options = {"num_samples": 16, "num_classes": 4, "shape": [1, 6, 6]}
+    splits = load_splits("synthetic", **options)
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, model_for("small-cnn", splits), **checkpoint_metadata(splits))
+    metadata = load_checkpoint(path).metadata
+    assert metadata["dataset_options"] == options and metadata["input_shape"] == [1, 6, 6]
+    assert checkpoint_dataset(metadata, None, path) == ("synthetic", options)
+    assert checkpoint_dataset(metadata, "Synthetic", path) == ("Synthetic", options)  # the same dataset, named
+    assert checkpoint_dataset(metadata, "cifar10", path) == ("cifar10", {})  # another dataset: the user's choice
+    with pytest.raises(ConfigError, match="does not record its dataset; pass --dataset"):
+        checkpoint_dataset({}, None, path)
+
+
+def test_data_of_another_shape_is_refused_naming_both_shapes():
+    from types import SimpleNamespace
+
+    from camphive.jobs.common import check_input_shape
+
+    def data(*shape):
+        return SimpleNamespace(input_shape=shape)
+
+    check_input_shape({"input_shape": [1, 6, 6]}, data(1, 6, 6), "m.safetensors", "synthetic")
+    check_input_shape({}, data(3, 32, 32), "m.safetensors", "synthetic")  # older checkpoints record no shape
+    recorded = {"input_shape": [1, 6, 6], "dataset": "synthetic"}
+    with pytest.raises(ConfigError, match=r"^dataset synthetic gives inputs of shape 3x32x32 but checkpoint "
+                                          r"m.safetensors was made for 1x6x6; load the data with the options"):
+        check_input_shape(recorded, data(3, 32, 32), "m.safetensors", "synthetic")
+    with pytest.raises(ConfigError, match="shape 1x28x28 .* for 1x6x6; pass --dataset synthetic"):
+        check_input_shape(recorded, data(1, 28, 28), "m.safetensors", "fashion-mnist")

@@ -108,3 +108,35 @@ def test_structured_prune_from_the_command_line_rounds_channels_and_ignores_laye
                   "--ignored-layers", "conv9", "--calib-samples", "64", "--out", tmp_path / "bad")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "conv9" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_evaluate_and_prune_load_the_synthetic_data_the_checkpoint_was_trained_on(tmp_path, capsys):
+    from camphive.cli import main
+    from camphive.jobs.prune import prune_job
+    from camphive.jobs.train import train_job
+
+    trained = train_job(model="small-cnn", dataset="synthetic", dataset_options="num_classes=20,shape=3x16x16,num_samples=64",
+                        epochs=1, batch_size=32, out=tmp_path / "t", device="cpu")
+    checkpoint = tmp_path / "t" / "model.safetensors"
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--device", "cpu", "--out", str(tmp_path / "e")]) == 0
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["num_samples"] == 64 and metrics["accuracy"] == trained["test"]["accuracy"]
+    quick = dict(criterion="magnitude", calib_samples=8, device="cpu", options={"spectrum_top_k": 0})
+    results = prune_job(checkpoint=checkpoint, sparsity=0.5, out=tmp_path / "p", **quick)
+    assert results["dense"]["accuracy"] == trained["test"]["accuracy"] and results["dense"]["num_samples"] == 64
+    # The same dataset named explicitly keeps the recorded options; a pruned checkpoint prunes again.
+    again = prune_job(checkpoint=tmp_path / "p" / "model.safetensors", sparsity=0.6, dataset="synthetic",
+                      out=tmp_path / "p2", **quick)
+    assert again["dense"]["num_samples"] == 64 and abs(again["prune"]["sparsity"] - 0.6) < 0.01
+    # A checkpoint that does not record the options (older ones) meets the default data: refused in one line.
+    from camphive.checkpoints import load_checkpoint, save_checkpoint
+
+    stored = load_checkpoint(checkpoint)
+    older = {key: value for key, value in stored.metadata.items() if key not in ("format", "arch", "dataset_options")}
+    save_checkpoint(tmp_path / "older.safetensors", stored.model, **older)
+    capsys.readouterr()
+    for command in (["evaluate"], ["prune", "--sparsity", "0.5", "--out", str(tmp_path / "p3")]):
+        assert main([*command, "--checkpoint", str(tmp_path / "older.safetensors"), "--device", "cpu"]) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and "inputs of shape 3x32x32 but checkpoint" in error and "made for 3x16x16" in error
+    assert not (tmp_path / "p3").exists()

@@ -65,6 +65,61 @@ def test_prune_option_errors(tmp_path, small_checkpoint, case):
     result = run_cli("prune", "--checkpoint", small_checkpoint, "--calib-samples", "16", *args[0], *out)
     assert_one_line_error(result, args[1])
     assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+    assert not (tmp_path / "o").exists()  # nothing half-written that would refuse the corrected command
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sparsity", "1.5"], "sparsity must be in [0, 1)"),
+    (["--sparsity", "-0.1"], "sparsity must be in [0, 1)"),
+    (["--sparsity", "0.5", "--criterion", "magnitud"], "unknown criterion 'magnitud'"),
+    (["--sparsity", "0.5", "--mode", "struct"], "unknown --mode 'struct'"),
+    (["--sparsity", "0.5", "--score", "diag"], "unknown score 'diag'"),
+    (["--sparsity", "0.5", "--merge", "lsq"], "unknown merge 'lsq'"),
+    (["--sparsity", "0.5", "--schedule", "cubical"], "unknown schedule 'cubical'"),
+    (["--sparsity", "0.5", "--round-to", "8"], "apply to structured pruning only"),
+    (["--sparsity", "0.5", "--target-macs-ratio", "2"], "--target-macs-ratio needs --mode structured"),
+    (["--mode", "structured", "--sparsity", "0.5", "--merge", "curvature"], "unknown merge 'curvature'"),
+    (["--mode", "structured", "--target-macs-ratio", "0.5"], "target_macs_ratio must be >= 1"),
+    (["--mode", "structured", "--sparsity", "0.5", "--target-macs-ratio", "2"], "give exactly one of"),
+    (["--mode", "structured", "--sparsity", "0.5", "--selection", "layer"], "apply to unstructured pruning"),
+])
+def test_bad_prune_values_fail_before_the_run_folder_is_made(tmp_path, small_checkpoint, capsys, monkeypatch, args,
+                                                            message):
+    from camphive.cli import main
+    from camphive.jobs import prune
+
+    def no_evaluation(*_args, **_kwargs):
+        raise AssertionError("the dense model was evaluated before the settings were checked")
+
+    monkeypatch.setattr(prune, "evaluate", no_evaluation)
+    code = main(["prune", "--checkpoint", str(small_checkpoint), "--calib-samples", "8", "--device", "cpu", *args,
+                 "--out", str(tmp_path / "o")])
+    error = capsys.readouterr().err
+    assert code == 2 and error.count("\n") == 1 and message in error and "Traceback" not in error, error
+    assert not (tmp_path / "o").exists()
+
+
+def test_prune_failing_after_the_folder_is_made_takes_it_back(tmp_path, small_checkpoint, capsys):
+    from camphive.cli import main
+    from camphive.jobs import prune
+
+    prunable = ["--ignored-layers", "conv1,conv2,conv3,fc1,fc2"]  # valid names, but nothing left to prune
+    base = ["prune", "--checkpoint", str(small_checkpoint), "--sparsity", "0.5", "--calib-samples", "8",
+            "--criterion", "magnitude", "--device", "cpu"]
+    assert main([*base, *prunable, "--out", str(tmp_path / "a" / "o")]) == 2
+    assert "no prunable layers" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()  # the folder and the parent it made are gone
+
+    old = tmp_path / "old"  # an --overwrite of an older run that fails gives the older run back
+    old.mkdir()
+    (old / "config.yaml").write_text("command: train\n")
+    (old / "model.safetensors").write_bytes(small_checkpoint.read_bytes())
+    assert main([*base, *prunable, "--out", str(old), "--overwrite"]) == 2
+    assert (old / "config.yaml").read_text() == "command: train\n"
+    assert sorted(p.name for p in old.iterdir()) == ["config.yaml", "model.safetensors"]
+    prune.prune_job(checkpoint=small_checkpoint, sparsity=0.5, criterion="magnitude", calib_samples=8, device="cpu",
+                    out=tmp_path / "a" / "o", options={"spectrum_top_k": 0})  # the corrected run is not refused
+    assert (tmp_path / "a" / "o" / "results.json").is_file()
 
 
 @pytest.mark.parametrize("case", ["model", "dataset", "schedule", "wrong_type", "unknown_option"])

@@ -196,3 +196,63 @@ def test_tensorboard_asked_for_but_missing_is_one_clear_line(tmp_path):
     with pytest.raises(ConfigError, match="needs the tensorboard package"):
         compare_job(**TINY, out=tmp_path / "run", criteria="magnitude", sparsities="0.5", tensorboard=True)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(prune_options="bogus=1"), "magnitude at sparsity 0.5: unknown option(s) for unstructured pruning: bogus"),
+    (dict(camp_hive_options="merge=lsq"), "camp-hive at sparsity 0.5: unknown merge 'lsq'"),
+    (dict(prune_options="cycles=two"), "cycles='two' must be int"),
+    (dict(prune_options="round_to=8"), "apply to structured pruning only"),
+    (dict(prune_options="ignored_layers=conv9"), "ignored layer 'conv9'"),
+    (dict(mode="structured", prune_options="merge=curvature"), "unknown merge 'curvature'"),
+    (dict(mode="structured", prune_options="nonsense=1"), "unknown option(s) for structured pruning: nonsense"),
+    (dict(model="resnet9000"), "unknown model 'resnet9000'"),
+])
+def test_bad_prune_options_are_refused_before_any_training(tmp_path, monkeypatch, options, message):
+    from camphive.jobs import compare
+
+    def no_training(*_args, **_kwargs):
+        raise AssertionError("trained before the options were checked")
+
+    monkeypatch.setattr(compare, "train", no_training)
+    with pytest.raises(ConfigError) as error:
+        compare_job(**{**TINY, "out": tmp_path / "run", "criteria": "magnitude,camp-hive", "sparsities": "0.5",
+                       **options})
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_check_prune_settings_accepts_what_prune_accepts():
+    from camphive.jobs.compare_options import check_prune_settings
+
+    check_prune_settings("unstructured", "camp-hive", 0.9, None, {"score": "obs", "merge": "curvature", "cycles": 2,
+                                                                   "damping": 1e-3, "min_keep": 5, "top_k": 4})
+    check_prune_settings("structured", "camp-hive", None, 2.0, {"round_to": 8, "merge": "pair", "min_channels": 0.1,
+                                                                "global_pruning": True, "channel_score": "summed",
+                                                                "score": "obs"})
+    check_prune_settings("structured", "tp-magnitude", 0.5, None, {"ignored_layers": ["conv1"]})
+    with pytest.raises(ConfigError, match="min_keep must be >= 0"):
+        check_prune_settings("unstructured", "magnitude", 0.5, None, {"min_keep": -1})
+    with pytest.raises(ConfigError, match="recalibrate_bn=1 must be bool"):
+        check_prune_settings("unstructured", "magnitude", 0.5, None, {"recalibrate_bn": 1})
+    with pytest.raises(ConfigError, match="unknown option.*seed"):  # set by the jobs themselves
+        check_prune_settings("unstructured", "magnitude", 0.5, None, {"seed": 1})
+
+
+def test_parse_options_reads_exponents_as_numbers():
+    assert parse_options("damping=1e-3,scale=5E+2,name=1e") == {"damping": 0.001, "scale": 500.0, "name": "1e"}
+
+
+def test_the_dense_checkpoint_records_the_dataset_options_and_evaluate_uses_them(tiny_run, tmp_path):
+    from camphive.jobs.evaluate import evaluate_job
+
+    out, results = tiny_run
+    stored = load_checkpoint(out / "dense.safetensors")
+    assert stored.metadata["dataset_options"] == DATA and stored.metadata["input_shape"] == [1, 8, 8]
+    metrics = evaluate_job(checkpoint=out / "dense.safetensors", device="cpu")  # the data from the checkpoint
+    assert metrics["accuracy"] == results["dense"]["accuracy"] and metrics["num_samples"] == DATA["num_samples"]
+    other = {**DATA, "shape": [1, 12, 12]}  # options given win over the recorded ones, and must fit the model
+    with pytest.raises(ConfigError, match="gives inputs of shape 1x12x12 but checkpoint .* was made for 1x8x8"):
+        compare_job(**{**TINY, "dataset_options": other, "out": tmp_path / "run", "criteria": "magnitude",
+                       "sparsities": "0.5"}, checkpoint=out / "dense.safetensors")
+    assert not (tmp_path / "run").exists()

@@ -3,15 +3,21 @@
 Every file camphive writes goes through :func:`atomic_write_bytes`: the bytes go to a
 temporary file in the same folder, are flushed to disk, and then renamed over the target,
 so a crash, a kill or a full disk leaves either the old file or the new one, never half.
+
+A job that fails before it has produced anything worth keeping leaves no trace: see
+:meth:`RunFolder.discarded_on_error`.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
+import stat
 import tempfile
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -42,6 +48,8 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, every_process: bool = F
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
+        # mkstemp makes the file 0600; give it the mode open() would, before anyone can see it.
+        os.chmod(temporary, _mode_for(path))
         os.replace(temporary, path)
     except OSError as error:
         Path(temporary).unlink(missing_ok=True)
@@ -50,6 +58,28 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, every_process: bool = F
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def _mode_for(path: Path) -> int:
+    """The permission bits ``open(path, "wb")`` would leave: an existing file's own, else 0o666 less the umask."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the system allows (os.umask can only set it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    current = os.umask(0o022)  # elsewhere: set and restore at once (a thread creating a file meanwhile may see 022)
+    os.umask(current)
+    return current
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -79,10 +109,19 @@ class RunFolder:
     Under torchrun only rank 0 writes: the folder is made there, and on every other process
     ``writer`` is False and ``write_config``, ``write_json`` and the logger do nothing (jobs
     check ``writer`` before saving checkpoints).
+
+    ``made`` (the folders this call created, outermost first), ``existing`` (the paths,
+    relative to the folder, that were there before; None on resume) and ``backup`` (hard
+    links to the files an ``overwrite`` found there) let :meth:`discard` take back exactly
+    what this call did.
     """
 
     path: Path
     writer: bool = True
+    made: tuple[Path, ...] = field(default=(), repr=False)
+    existing: frozenset[str] | None = field(default=None, repr=False)
+    backup: Path | None = field(default=None, repr=False)
+    kept: bool = field(default=False, repr=False)
 
     @classmethod
     def create(cls, path: str | Path, overwrite: bool = False, resume: bool = False) -> "RunFolder":
@@ -93,7 +132,8 @@ class RunFolder:
         from camphive import distributed
 
         made = distributed.on_rank_zero(lambda: cls._make(Path(path), overwrite, resume))
-        return cls(made.path, writer=distributed.is_main_process())
+        return cls(made.path, writer=distributed.is_main_process(), made=made.made, existing=made.existing,
+                   backup=made.backup)
 
     @classmethod
     def _make(cls, path: Path, overwrite: bool, resume: bool) -> "RunFolder":
@@ -101,11 +141,65 @@ class RunFolder:
             raise ConfigError(f"output path {path} exists and is not a folder; choose another --out")
         if path.is_dir() and any(path.iterdir()) and not (overwrite or resume):
             raise ConfigError(f"output folder {path} already exists and is not empty; pass --overwrite or choose another --out")
+        missing = [folder for folder in (path, *path.parents) if not folder.exists()]
+        existing = None if resume else _relative_paths(path) if path.is_dir() else frozenset()
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise CamphiveError(f"cannot create output folder {path}: {error.strerror}; choose a writable --out") from error
-        return cls(path)
+        backup = _link_backup(path, existing) if existing else None
+        return cls(path, made=tuple(reversed(missing)), existing=existing, backup=backup)
+
+    def keep(self) -> None:
+        """Mark the run as holding something worth keeping (a checkpoint, resumable state):
+        from now on :meth:`discard` leaves the folder alone, and the files an ``overwrite``
+        replaced are gone for good."""
+        if not self.kept and self.writer and self.backup is not None:
+            shutil.rmtree(self.backup, ignore_errors=True)
+        self.kept = True
+
+    def discard(self) -> None:
+        """Take back what this call wrote: files and folders that were not there before it, then
+        the folders it created, if now empty.
+
+        Does nothing after :meth:`keep`, on resume, and on processes other than rank 0. Files
+        that existed before the call (an ``--overwrite`` of an older run) are never removed;
+        those it replaced are put back (a file it appended to, ``log.txt``, keeps the lines).
+        """
+        if not self.writer or self.kept or self.existing is None:
+            return
+        self.close()
+        if self.backup is not None:
+            _restore_backup(self.backup, self.path)
+        for folder, subfolders, files in os.walk(self.path, topdown=False):
+            for name in [*files, *subfolders]:
+                entry = Path(folder, name)
+                if entry.relative_to(self.path).as_posix() in self.existing:
+                    continue
+                try:
+                    if entry.is_dir() and not entry.is_symlink():
+                        entry.rmdir()  # empty by now, unless it holds files that existed before
+                    else:
+                        entry.unlink()
+                except OSError:
+                    pass  # best effort: the error that made the job fail is the one to report
+        for folder in reversed(self.made):
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+    @contextmanager
+    def discarded_on_error(self):
+        """``with run.discarded_on_error(): ...``: if the body fails before :meth:`keep` was
+        called, :meth:`discard` what it wrote (a failed run leaves no half-written folder that
+        blocks the corrected command); if it succeeds, keep the run."""
+        try:
+            yield self
+        except BaseException:
+            self.discard()
+            raise
+        self.keep()
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -145,6 +239,49 @@ class RunFolder:
         for handler in list(logger.handlers):
             handler.close()
             logger.removeHandler(handler)
+
+
+_BACKUP_PREFIX = ".camphive-replaced-"
+
+
+def _link_backup(folder: Path, existing: frozenset[str]) -> Path | None:
+    """Hard links (no copies) to every file in ``folder`` in a hidden folder beside them, so that
+    files an overwriting run replaces can be put back if it fails. None where links are not
+    possible (the run then overwrites without a way back, as before)."""
+    backup = None
+    try:
+        backup = Path(tempfile.mkdtemp(prefix=_BACKUP_PREFIX, dir=folder))
+        for relative in existing:
+            source = folder / relative
+            if relative.startswith(_BACKUP_PREFIX) or source.is_dir() and not source.is_symlink():
+                continue
+            (backup / relative).parent.mkdir(parents=True, exist_ok=True)
+            os.link(source, backup / relative, follow_symlinks=False)
+    except OSError:
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+        return None
+    return backup
+
+
+def _restore_backup(backup: Path, folder: Path) -> None:
+    for parent, subfolders, files in os.walk(backup):
+        for name in [*files, *(name for name in subfolders if os.path.islink(os.path.join(parent, name)))]:
+            relative = Path(parent, name).relative_to(backup)
+            try:
+                (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(backup / relative, folder / relative)
+            except OSError:
+                pass  # best effort: the error that made the job fail is the one to report
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _relative_paths(folder: Path) -> frozenset[str]:
+    """Every path under ``folder`` (files, folders, links; links not followed), relative to it."""
+    found = set()
+    for parent, subfolders, files in os.walk(folder):
+        found.update(Path(parent, name).relative_to(folder).as_posix() for name in [*subfolders, *files])
+    return frozenset(found)
 
 
 def _plain(value):

@@ -4,13 +4,14 @@ from __future__ import annotations
 import os
 import platform
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from camphive import data as datasets
 from camphive import distributed, models
+from camphive.errors import ConfigError
 
 
 def seed_everything(seed: int) -> None:
@@ -29,6 +30,7 @@ class DataSplits:
     train: torch.utils.data.Dataset
     test: torch.utils.data.Dataset
     name: str
+    options: dict = field(default_factory=dict)  # as given to datasets.load (synthetic shape, num_classes, ...)
 
     @property
     def num_classes(self) -> int:
@@ -43,7 +45,7 @@ def load_splits(name: str, root: str | None = None, **options) -> DataSplits:
     """Load the train and test splits of a dataset by name."""
     train = datasets.load(name, root=root, split="train", **options)
     test = datasets.load(name, root=root, split="test", **options)
-    return DataSplits(train=train, test=test, name=getattr(train, "name", name))
+    return DataSplits(train=train, test=test, name=getattr(train, "name", name), options=dict(options))
 
 
 def loaders(splits: DataSplits, batch_size: int, seed: int, train_subset: int | None = None,
@@ -72,8 +74,10 @@ def machine_description() -> dict:
 
 
 def checkpoint_metadata(splits: DataSplits, **extra) -> dict:
+    """What a checkpoint records of its data: enough for evaluate and prune to load the same data again."""
     return {
         "dataset": splits.name,
+        "dataset_options": dict(splits.options),
         "classes": list(getattr(splits.train, "classes", []) or []),
         "num_classes": splits.num_classes,
         "input_shape": list(splits.input_shape),
@@ -81,10 +85,45 @@ def checkpoint_metadata(splits: DataSplits, **extra) -> dict:
     }
 
 
+def checkpoint_dataset(metadata: dict, dataset: str | None, checkpoint) -> tuple[str, dict]:
+    """``(name, options)`` of the data to use with a checkpoint: ``dataset`` when the user names one,
+    else the dataset the checkpoint records; with the options it was made with (a synthetic
+    dataset's shape and classes) when it is the recorded dataset."""
+    recorded = metadata.get("dataset")
+    name = dataset or recorded
+    if not name:
+        raise ConfigError(f"checkpoint {checkpoint} does not record its dataset; pass --dataset")
+    same = recorded is not None and _dataset_key(name) == _dataset_key(recorded)
+    return name, dict(metadata.get("dataset_options") or {}) if same else {}
+
+
+def _dataset_key(name: str) -> str:
+    try:
+        return datasets.canonical_name(name)
+    except ConfigError:
+        return str(name)
+
+
+def check_input_shape(metadata: dict, data, checkpoint, dataset: str) -> None:
+    """Refuse data whose samples differ in shape from the ones the checkpoint records it was made for
+    (a model with global pooling would otherwise run on them and report a meaningless accuracy)."""
+    recorded = metadata.get("input_shape")
+    shape = getattr(data, "input_shape", None)
+    if not recorded or shape is None or tuple(recorded) == tuple(shape):
+        return
+    trained_on = metadata.get("dataset")
+    fix = (f"pass --dataset {trained_on}, the data it was trained on" if trained_on and _dataset_key(trained_on) !=
+           _dataset_key(dataset) else "load the data with the options the model was trained with (e.g. shape)")
+    raise ConfigError(f"dataset {dataset} gives inputs of shape {_shape(shape)} but checkpoint {checkpoint} was made for "
+                      f"{_shape(recorded)}; {fix}")
+
+
+def _shape(shape) -> str:
+    return "x".join(str(size) for size in shape)
+
+
 def calibration_batches(name: str, root: str | None, samples: int, batch_size: int, seed: int, **options) -> list:
     """A seeded random subset of the training split, with the test-time transform, as a list of batches."""
-    from camphive.errors import ConfigError
-
     if samples < 1:
         raise ConfigError(f"calibration samples must be >= 1, got {samples}")
     dataset = datasets.load(name, root=root, split="train", transform="eval", **options)

@@ -26,9 +26,10 @@ from camphive import data as datasets
 from camphive.checkpoints import load_checkpoint, load_training_state, save_checkpoint, save_training_state
 from camphive.devices import resolve_device
 from camphive.errors import CamphiveError, ConfigError
-from camphive.jobs.common import (calibration_batches, checkpoint_metadata, load_splits, machine_description, model_for,
-                                  seed_everything)
-from camphive.jobs.compare_options import Scalars, check_plan, check_tensorboard, parse_list, parse_options
+from camphive.jobs.common import (calibration_batches, check_input_shape, checkpoint_dataset, checkpoint_metadata,
+                                  load_splits, machine_description, model_for, seed_everything)
+from camphive.jobs.compare_options import (Scalars, check_model, check_plan, check_prune_settings, check_tensorboard,
+                                           layer_lists, parse_list, parse_options)
 from camphive.jobs.compare_report import write_reports
 from camphive.pruning import prune
 from camphive.report import METHOD
@@ -104,8 +105,8 @@ def compare_job(
     settings = {key: value for key, value in locals().items() if key != "started"}
     criteria, targets, target_kind = check_plan(mode, criteria, sparsities, macs_ratios)
     dataset_options = parse_options(dataset_options, "dataset-options")
-    prune_options = parse_options(prune_options, "prune-options")
-    camp_hive_options = parse_options(camp_hive_options, "camp-hive-options")
+    prune_options = layer_lists(parse_options(prune_options, "prune-options"))
+    camp_hive_options = layer_lists(parse_options(camp_hive_options, "camp-hive-options"))
     latency_batch_sizes = parse_list(latency_batch_sizes, int, "latency-batch-sizes")
     if mode == "structured" and latency and (not latency_batch_sizes or min(latency_batch_sizes) < 1):
         raise ConfigError(f"--latency-batch-sizes must be positive integers such as 1,64, got {latency_batch_sizes}")
@@ -113,15 +114,27 @@ def compare_job(
         check_tensorboard()
     if finetune_epochs < 0 or dense_epochs < 0:
         raise ConfigError(f"epochs must be >= 0, got dense {dense_epochs}, fine-tune {finetune_epochs}")
+    for criterion in criteria:  # every criterion's options, before any training
+        for target in targets:
+            options = _prune_options(criterion, mode, target, target_kind, cycles, prune_options, camp_hive_options)
+            try:
+                check_prune_settings(mode, criterion, options.pop("sparsity", None), options.pop("target_macs_ratio", None),
+                                     options)
+            except ConfigError as error:
+                raise ConfigError(f"{criterion} at {target_kind} {target:g}: {error}") from error
     stored = load_checkpoint(checkpoint) if checkpoint else None
     if stored is not None:
-        dataset = dataset or stored.metadata.get("dataset")
+        recorded_name, recorded_options = checkpoint_dataset(stored.metadata, dataset, checkpoint)
+        dataset, dataset_options = recorded_name, dataset_options or recorded_options
         model = (stored.metadata.get("arch") or {}).get("name", model)
     if not dataset:
-        raise ConfigError(f"checkpoint {checkpoint} does not record its dataset; pass --dataset")
+        raise ConfigError("pass --dataset (e.g. fashion-mnist, cifar10 or synthetic)")
     device_used = resolve_device(device)
     seed_everything(seed)
     splits = load_splits(dataset, data_root, **dataset_options)
+    if stored is not None:
+        check_input_shape(stored.metadata, splits.test, checkpoint, dataset)
+    check_model(stored.model if stored is not None else None, model, splits, prune_options, camp_hive_options)
     test_loader = datasets.loader(splits.test, batch_size=max(batch_size, 256), subset=test_subset,
                                   num_workers=num_workers, device=device_used)
     settings.update(criteria=criteria, targets=targets, target_kind=target_kind, dataset=splits.name, model=model,
@@ -129,13 +142,14 @@ def compare_job(
                     latency_batch_sizes=latency_batch_sizes, sparsities=parse_list(sparsities, float, "sparsities"),
                     macs_ratios=parse_list(macs_ratios, float, "macs-ratios"))
     run = RunFolder.create(out, overwrite=overwrite, resume=resume)
-    if resume:
-        _check_resume(run, settings)
-    log = run.logger()
-    run.write_config({"command": "compare", **settings, "started": timestamp(), "device_used": str(device_used),
-                      "machine": machine_description()})
-    scalars = Scalars(run.file("tensorboard") if tensorboard else None)
+    scalars = Scalars(None)
     try:
+        if resume:
+            _check_resume(run, settings)
+        log = run.logger()
+        run.write_config({"command": "compare", **settings, "started": timestamp(), "device_used": str(device_used),
+                          "machine": machine_description()})
+        scalars = Scalars(run.file("tensorboard") if tensorboard else None)
         phase = time.perf_counter()
         dense_model, dense_masks, dense_train = _dense_model(run, stored, model, splits, settings, log, scalars)
         dense_seconds = time.perf_counter() - phase
@@ -182,7 +196,12 @@ def compare_job(
         results["headline"], results["files"] = write_reports(run, results) if run.writer else (None, None)
         run.write_json("results.json", results)
         log.info("%s", results["headline"])
+        run.keep()
         return results
+    except BaseException:
+        scalars.close()
+        run.discard()  # failed before the dense model was trained or a row was done: take back what this call wrote
+        raise
     finally:
         scalars.close()
         run.close()
@@ -243,6 +262,7 @@ def _dense_model(run: RunFolder, stored, model_name: str, splits, settings: dict
         log.info("resuming dense training at epoch %d", state.epoch)
 
     def on_epoch_end(record, train_state: TrainState) -> None:
+        run.keep()  # a trained epoch is what --resume continues from: never discarded once written
         save_training_state(run.file(DENSE_STATE), {
             "model": network.state_dict(), "epoch": train_state.epoch, "optimizer": train_state.optimizer,
             "scheduler": train_state.scheduler, "history": json.dumps(train_state.history)})
@@ -305,6 +325,7 @@ def _prune_options(criterion, mode, target, target_kind, cycles, prune_options, 
 
 
 def _write_rows(run: RunFolder, rows: list[dict]) -> None:
+    run.keep()  # finished rows are what --resume skips: never discarded once written
     atomic_write_text(run.file("rows.jsonl"), "".join(json.dumps(_jsonable(row)) + "\n" for row in rows))
 
 

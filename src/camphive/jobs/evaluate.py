@@ -10,7 +10,7 @@ from pathlib import Path
 from camphive import data as datasets
 from camphive import distributed
 from camphive.checkpoints import load_checkpoint
-from camphive.errors import ConfigError
+from camphive.jobs.common import check_input_shape, checkpoint_dataset
 from camphive.pruning.masks import sparsity_of
 from camphive.training import evaluate
 
@@ -18,15 +18,15 @@ from camphive.training import evaluate
 def evaluate_job(*, checkpoint: str | Path, dataset: str | None = None, data_root: str | None = None,
                  split: str = "test", batch_size: int = 256, subset: int | None = None,
                  device: str = "auto", out: str | Path | None = None, overwrite: bool = False) -> dict:
-    """Evaluate the model stored at ``checkpoint`` on ``dataset`` (default: the one it was trained on)."""
+    """Evaluate the model stored at ``checkpoint`` on ``dataset`` (default: the one it was trained on,
+    with the options it was made with)."""
     from camphive.runs import RunFolder
 
     distributed.init_from_environment()
     stored = load_checkpoint(checkpoint)
-    dataset = dataset or stored.metadata.get("dataset")
-    if not dataset:
-        raise ConfigError(f"checkpoint {checkpoint} does not record its dataset; pass --dataset")
-    data = datasets.load(dataset, root=data_root, split=split)
+    dataset, dataset_options = checkpoint_dataset(stored.metadata, dataset, checkpoint)
+    data = datasets.load(dataset, root=data_root, split=split, **dataset_options)
+    check_input_shape(stored.metadata, data, checkpoint, dataset)
     metrics = evaluate(stored.model, datasets.loader(data, batch_size=batch_size, subset=subset, device=device), device=device)
     metrics.update({"checkpoint": str(checkpoint), "dataset": dataset, "split": split})
     if stored.masks:
@@ -34,7 +34,7 @@ def evaluate_job(*, checkpoint: str | Path, dataset: str | None = None, data_roo
     if out is not None:
         run = RunFolder.create(out, overwrite=overwrite)
         run.write_config({"command": "evaluate", "checkpoint": str(checkpoint), "dataset": dataset,
-                          "split": split, "subset": subset})
+                          "dataset_options": dataset_options, "split": split, "subset": subset})
         run.write_json("metrics.json", metrics)
         distributed.barrier()
     return metrics

@@ -21,7 +21,9 @@ from camphive import data as datasets
 from camphive import distributed
 from camphive.checkpoints import load_checkpoint, load_training_state, save_checkpoint, save_training_state
 from camphive.errors import ConfigError
-from camphive.jobs.common import calibration_batches, calibration_share, machine_description, seed_everything
+from camphive.jobs.common import (calibration_batches, calibration_share, check_input_shape, checkpoint_dataset,
+                                  machine_description, seed_everything)
+from camphive.jobs.compare_options import check_prune_settings
 from camphive.pruning import prune
 from camphive.pruning.channel_groups import resolve_ignored
 from camphive.runs import RunFolder, timestamp
@@ -55,33 +57,52 @@ def prune_job(
     """Prune the model stored at ``checkpoint``; write ``model.safetensors`` (with masks) and ``results.json``.
 
     ``options`` go to :func:`camphive.prune` (score, curvature, pairing, merge, cycles, ...).
+    ``dataset`` defaults to the one the checkpoint records, with the options it was made with.
+    Bad settings fail before the run folder is made; a run that fails before its first pruning
+    cycle is saved removes what it wrote (see :meth:`RunFolder.discarded_on_error`).
     """
     settings = {key: value for key, value in locals().items()}
     distributed.init_from_environment()
     started = time.perf_counter()
     stored = load_checkpoint(checkpoint)
-    dataset = dataset or stored.metadata.get("dataset")
-    if not dataset:
-        raise ConfigError(f"checkpoint {checkpoint} does not record its dataset; pass --dataset")
-    if mode == "unstructured" and sparsity is None:
+    dataset, dataset_options = checkpoint_dataset(stored.metadata, dataset, checkpoint)
+    if mode == "unstructured" and sparsity is None and target_macs_ratio is None:
         raise ConfigError("pass --sparsity (fraction of weights to remove, e.g. 0.9)")
     if mode == "structured" and sparsity is None and target_macs_ratio is None:
         raise ConfigError("pass --sparsity (fraction of channels) or --target-macs-ratio (e.g. 2.0) for structured pruning")
     options = dict(options or {})
+    # Everything that can be checked without running the model is checked before the run folder is made.
+    check_prune_settings(mode, criterion, sparsity, target_macs_ratio, options)
     resolve_ignored(stored.model, options.get("ignored_layers"))  # a misspelt name fails before any file is written
     seed_everything(seed)
-    calib = calibration_batches(dataset, data_root, calib_samples, calib_batch_size, seed)
+    calib = calibration_batches(dataset, data_root, calib_samples, calib_batch_size, seed, **dataset_options)
     if options.get("num_batches"):  # limit the whole calibration set before it is shared out
         calib = calib[: int(options.pop("num_batches"))]
     calib_counts = {"num_batches": len(calib), "num_samples": sum(int(inputs.shape[0]) for inputs, _ in calib)}
     calib = calibration_share(calib)
-    test = datasets.loader(datasets.load(dataset, root=data_root, split="test"), batch_size=512, device=device)
+    test_set = datasets.load(dataset, root=data_root, split="test", **dataset_options)
+    check_input_shape(stored.metadata, test_set, checkpoint, dataset)
+    test = datasets.loader(test_set, batch_size=512, device=device)
     run = RunFolder.create(out, overwrite=overwrite, resume=resume)
+    with run.discarded_on_error():  # until the first pruning cycle is saved, a failure leaves no folder behind
+        return _run(run, stored, calib, calib_counts, test, settings, started, dataset=dataset,
+                    dataset_options=dataset_options, data_root=data_root, sparsity=sparsity, mode=mode,
+                    criterion=criterion, target_macs_ratio=target_macs_ratio, finetune_epochs=finetune_epochs,
+                    finetune_lr=finetune_lr, batch_size=batch_size, train_subset=train_subset, device=device,
+                    seed=seed, resume=resume, options=options)
+
+
+def _run(run, stored, calib, calib_counts, test, settings, started, *, dataset, dataset_options, data_root, sparsity,
+         mode, criterion, target_macs_ratio, finetune_epochs, finetune_lr, batch_size, train_subset, device, seed,
+         resume, options) -> dict:
+    """The job once its inputs are checked and its run folder made: evaluate, prune, fine-tune, write."""
     log = run.logger()
     if not resume or not distributed.on_rank_zero(run.file("config.yaml").is_file):
-        run.write_config({"command": "prune", **settings, "dataset": dataset, "started": timestamp(),
-                          "machine": machine_description(), **distributed.describe()})
-    metadata = {key: value for key, value in stored.metadata.items() if key not in ("format", "arch")}
+        run.write_config({"command": "prune", **settings, "dataset": dataset, "dataset_options": dataset_options,
+                          "started": timestamp(), "machine": machine_description(), **distributed.describe()})
+    # What a checkpoint pruned before records of its own pruning, this run's replaces.
+    metadata = {key: value for key, value in stored.metadata.items()
+                if key not in ("format", "arch", "pruning", "cycle", "finetune_epochs")}
     progress = distributed.on_rank_zero(
         lambda: run.read_json(PROGRESS_FILE) if resume and run.file(PROGRESS_FILE).is_file() else {})
     model = stored.model
@@ -100,6 +121,7 @@ def prune_job(
                               options=options, calib_counts=calib_counts)
         progress["pruned"] = evaluate(model, test, device=device)
         run.write_json(PROGRESS_FILE, progress)
+        run.keep()  # from here on the folder holds a pruned model (kept even if the write below is cut short)
         if run.writer:
             save_checkpoint(run.file(PRUNED_FILE), model, masks, **metadata, pruning=progress["prune"]["config"])
             save_checkpoint(run.file("model.safetensors"), model, masks, **metadata, pruning=progress["prune"]["config"])
@@ -108,8 +130,8 @@ def prune_job(
 
     finetuned = None
     if finetune_epochs:
-        finetuned = _finetune(model, masks, dataset, data_root, test, run, log, metadata, progress, resume,
-                              epochs=finetune_epochs, lr=finetune_lr, batch_size=batch_size,
+        finetuned = _finetune(model, masks, dataset, dataset_options, data_root, test, run, log, metadata, progress,
+                              resume, epochs=finetune_epochs, lr=finetune_lr, batch_size=batch_size,
                               train_subset=train_subset, device=device, seed=seed)
     results = {"dense": progress["dense"], "pruned": progress["pruned"], "finetuned": finetuned,
                "prune": progress["prune"], "checkpoint": str(run.file("model.safetensors")),
@@ -135,6 +157,7 @@ def _prune(model, masks, calib, run, log, progress, metadata, resume, *, sparsit
 
         def on_cycle_end(cycle, cycle_masks, record):
             distributed.check_same_on_all_ranks(cycle_masks, f"pruning masks after cycle {cycle}")
+            run.keep()  # a saved cycle is what --resume continues from: never discarded once written
             if run.writer:
                 save_checkpoint(run.file(CYCLE_FILE), model, cycle_masks, **metadata, cycle=cycle)
             log.info("cycle %d done: sparsity %.4f", cycle, record["sparsity"])
@@ -151,8 +174,8 @@ def _prune(model, masks, calib, run, log, progress, metadata, resume, *, sparsit
     return model, final_masks
 
 
-def _finetune(model, masks, dataset, data_root, test, run, log, metadata, progress, resume, *, epochs, lr,
-              batch_size, train_subset, device, seed):
+def _finetune(model, masks, dataset, dataset_options, data_root, test, run, log, metadata, progress, resume, *,
+              epochs, lr, batch_size, train_subset, device, seed):
     """Masked fine-tuning with a resumable state file after every epoch."""
     state = None
     if resume and distributed.on_rank_zero(run.file(STATE_FILE).is_file):
@@ -161,7 +184,7 @@ def _finetune(model, masks, dataset, data_root, test, run, log, metadata, progre
         state = TrainState(epoch=saved["epoch"], optimizer=saved["optimizer"], scheduler=saved["scheduler"],
                            history=json.loads(saved["history"]))
         log.info("resuming fine-tuning at epoch %d", state.epoch)
-    train_set = datasets.load(dataset, root=data_root, split="train")
+    train_set = datasets.load(dataset, root=data_root, split="train", **dataset_options)
     loader = datasets.loader(train_set, batch_size=batch_size, train=True, seed=seed, subset=train_subset,
                              random_subset=train_subset is not None, device=device)
 

@@ -12,6 +12,7 @@ from camphive import distributed
 from camphive.checkpoints import load_training_state, save_checkpoint, save_training_state
 from camphive.errors import ConfigError
 from camphive.jobs.common import checkpoint_metadata, load_splits, loaders, machine_description, model_for, seed_everything
+from camphive.jobs.compare_options import parse_options
 from camphive.runs import RunFolder, atomic_write_text, timestamp
 from camphive.training import TrainState, evaluate, train
 
@@ -23,6 +24,7 @@ def train_job(
     model: str = "small-cnn",
     dataset: str = "fashion-mnist",
     data_root: str | None = None,
+    dataset_options=None,
     out: str | Path = "runs/train",
     epochs: int = 10,
     batch_size: int = 128,
@@ -46,16 +48,30 @@ def train_job(
     """Train ``model`` on ``dataset`` and write a run folder; return the final metrics.
 
     Each epoch ends with an atomic checkpoint (``model.safetensors``) and resumable state;
-    ``resume=True`` continues a stopped run in ``out`` to the same result.
+    ``resume=True`` continues a stopped run in ``out`` to the same result. ``dataset_options``
+    (``"num_classes=20,shape=3x16x16"`` or a dict) go to the dataset and are recorded in the
+    checkpoint, so that evaluate and prune load the same data. A run that fails before its first
+    epoch is saved removes what it wrote.
     """
     settings = {key: value for key, value in locals().items() if key != "config"}
     distributed.init_from_environment()
     # Everything that can fail on bad input happens before the run folder is made.
+    settings["dataset_options"] = dataset_options = parse_options(dataset_options, "dataset-options")
     seed_everything(seed)
-    splits = load_splits(dataset, data_root)
+    splits = load_splits(dataset, data_root, **dataset_options)
     train_loader, test_loader = loaders(splits, batch_size, seed, train_subset, test_subset, num_workers, device)
     network = model_for(model, splits)
     run = RunFolder.create(out, overwrite=overwrite, resume=resume)
+    with run.discarded_on_error():
+        return _run(run, network, splits, train_loader, test_loader, settings, config, epochs=epochs, lr=lr,
+                    momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, schedule=schedule,
+                    warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, amp=amp, device=device, seed=seed,
+                    resume=resume)
+
+
+def _run(run, network, splits, train_loader, test_loader, settings, config, *, epochs, lr, momentum, nesterov,
+         weight_decay, schedule, warmup_epochs, label_smoothing, amp, device, seed, resume) -> dict:
+    """Training once the data, the model and the run folder are there."""
     log = run.logger()
     state = None
     if resume:
@@ -74,6 +90,7 @@ def train_job(
     def on_epoch_end(record, train_state: TrainState) -> None:
         if not run.writer:
             return
+        run.keep()  # a saved epoch is what --resume continues from: never discarded once written
         # The state file carries the weights too, so it alone decides where a resume starts.
         save_training_state(run.file(STATE_FILE), {
             "model": network.state_dict(), "epoch": train_state.epoch, "optimizer": train_state.optimizer,
