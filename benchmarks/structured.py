@@ -11,8 +11,6 @@ Sections (``--sections``):
   accuracy right after pruning, after BatchNorm recalibration on the calibration images, and
   after a short fine-tune; plus CPU latency of the pruned shapes (batch 1 and 64).
 * ``latency``: the latency part of ``criteria`` alone (L1-pruned shapes), for re-timing.
-* ``allocation``: resnet20 with hand-set channel widths per stage at about 3x fewer MACs, to
-  see whether another split of the channels runs faster than uniform allocation.
 * ``speed``: resnet56 at CIFAR size (3x32x32, untrained: MACs and latency only) at each
   ratio, with and without ``round_to=8`` and BatchNorm folding.
 
@@ -33,7 +31,7 @@ import tempfile
 import time
 
 os.environ.setdefault("CAMPHIVE_CACHE", "/tmp/camphive-cache")
-from common import append_results, dense_model  # noqa: E402  (puts src/ on the path)
+from common import append_results, dense_model, keep_freed_memory  # noqa: E402  (puts src/ on the path)
 
 import torch  # noqa: E402
 
@@ -41,7 +39,6 @@ from camphive import data, models  # noqa: E402
 from camphive.data.transforms import default_transform  # noqa: E402
 from camphive.export import export_onnx, fold_batchnorm  # noqa: E402
 from camphive.measure import count_macs, count_parameters, measure_latency, measure_onnx_latency  # noqa: E402
-from camphive.pruning.channel_groups import build_dependency_graph, channel_groups, remove_channels  # noqa: E402
 from camphive.pruning.pipeline import recalibrate_batchnorm  # noqa: E402
 from camphive.pruning.structured import prune_structured  # noqa: E402
 from camphive.training import evaluate, finetune  # noqa: E402
@@ -298,70 +295,6 @@ def speed_section(args) -> tuple[str, list[str]]:
                          f"3x32x32 input, {macs / 1e6:.1f} M MACs dense: conv, linear, BN and additions")
 
 
-# resnet20 channel widths per stage, (residual, inner) x 3: the dense model, what uniform allocation with
-# round_to 8 gives at 3x, and other splits of about the same MACs (wider stem stage, wider last stage, ...).
-STAGE_WIDTHS = {"dense": (16, 16, 32, 32, 64, 64), "uniform, round_to 8": (8, 8, 16, 24, 40, 40),
-                "stage 1 residual kept": (16, 8, 16, 16, 32, 24), "stage 1 inner kept": (8, 16, 16, 16, 32, 32),
-                "stage 2 residual wider": (8, 8, 24, 16, 40, 32), "stage 3 wider": (8, 8, 16, 16, 48, 40),
-                "residual streams wider": (16, 8, 24, 8, 40, 24)}
-
-
-def resnet20_with_widths(widths: tuple[int, ...]) -> torch.nn.Module:
-    """resnet20 (1x28x28 input, random weights) with the given (residual, inner) widths per stage."""
-    model = models.create("resnet20", num_classes=10, in_channels=1).eval()
-    graph = build_dependency_graph(model, torch.randn(1, 1, 28, 28))
-    residual_roots = {"conv1+": 0, "layer2.0.conv2+": 2, "layer3.0.conv2+": 4}
-    for group in channel_groups(model, graph, []):
-        index = next((i for root, i in residual_roots.items() if group.key.startswith(root)), None)
-        index = index if index is not None else 2 * (int(group.key[len("layer")]) - 1) + 1
-        remove_channels(graph, group, torch.arange(widths[index], group.size))
-    return fold_batchnorm(model)
-
-
-def allocation_section(args) -> str:
-    """Does another split of resnet20's channels between stages, at about 3x fewer MACs, run faster?"""
-    candidates = {label: resnet20_with_widths(widths) for label, widths in STAGE_WIDTHS.items()}
-    example = torch.randn(1, 1, 28, 28)
-    macs = {label: count_macs(model, example).total for label, model in candidates.items()}
-    lines = ["resnet20 (1x28x28, BN folded), channel widths (residual, inner) for stages 1-3 set by hand at about 3x "
-             f"fewer MACs; batch 64, {args.threads} thread(s), interleaved medians; speed-up against the dense "
-             "model in the same layout:\n",
-             "| widths | split | MACs reduction | NCHW ms | speed-up | ratio | NHWC ms | speed-up | ratio |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    timed = {layout: measure_latency(candidates, (1, 28, 28), batch_sizes=(64,), threads=args.threads,
-                                     target_seconds=3 * args.latency_seconds, min_repeats=15,
-                                     channels_last=layout == "NHWC") for layout in ("NCHW", "NHWC")}
-    for label, widths in STAGE_WIDTHS.items():
-        reduction = macs["dense"] / macs[label]
-        cells = []
-        for report in timed.values():
-            result = report.get(label, 64)
-            cells.append(f"{result.median_ms:.1f} | {result.speedup:.2f} | {result.speedup / reduction:.2f}")
-        lines.append(f"| {widths} | {label} | {reduction:.2f}x | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def keep_freed_memory() -> str:
-    """Stop glibc from returning large freed blocks to the OS after every forward pass.
-
-    By default glibc serves big allocations (a batch-64 activation is several MB) with mmap and
-    unmaps them on free, so every forward pays page faults that depend on the allocator's recent
-    history rather than on the model: the same dense resnet20 timed 60 or 85 ms at batch 64 in two
-    processes. Pinning the thresholds (what jemalloc/tcmalloc, common for CPU inference, do anyway)
-    makes timings repeatable; it speeds up the dense model most, so speed-ups only get smaller.
-    """
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return "default allocator (not glibc)"
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    if libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30):
-        return "glibc malloc with mmap and trim thresholds pinned at 1 GiB (mallopt)"
-    return "default glibc malloc (mallopt refused)"
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", default="method,criteria,speed")
@@ -401,8 +334,6 @@ def main(argv=None) -> None:
         body, found = latency_section(args)
         parts.append("### Latency against MACs reduction, Fashion-MNIST models" + body)
         verdicts += found
-    if "allocation" in sections:
-        parts.append("### Channel allocation and latency, resnet20 at 3x\n\n" + allocation_section(args))
     if "speed" in sections:
         body, found = speed_section(args)
         parts.append("### Latency against MACs reduction, resnet56" + body)

@@ -28,7 +28,7 @@ import time
 import traceback
 from pathlib import Path
 
-from common import append_results, machine  # noqa: E402  (puts src/ on the path)
+from common import append_results, keep_freed_memory, machine  # noqa: E402  (puts src/ on the path)
 
 import torch  # noqa: E402
 
@@ -40,7 +40,7 @@ from camphive.measure import count_macs, count_parameters, measure_latency  # no
 from camphive.pruning.pipeline import recalibrate_batchnorm  # noqa: E402
 from camphive.pruning.structured import prune_structured  # noqa: E402
 from camphive.training import evaluate, finetune, train  # noqa: E402
-from structured import accuracy_verdicts, keep_freed_memory  # noqa: E402
+from structured import accuracy_verdicts  # noqa: E402
 
 STARTED = time.perf_counter()
 
