@@ -115,8 +115,9 @@ def test_evaluate_and_prune_load_the_synthetic_data_the_checkpoint_was_trained_o
     from camphive.jobs.prune import prune_job
     from camphive.jobs.train import train_job
 
-    trained = train_job(model="small-cnn", dataset="synthetic", dataset_options="num_classes=20,shape=3x16x16,num_samples=64",
-                        epochs=1, batch_size=32, out=tmp_path / "t", device="cpu")
+    assert main(["train", "--dataset", "synthetic", "--dataset-options", "num_classes=20,shape=3x16x16,num_samples=64",
+                 "--epochs", "1", "--batch-size", "32", "--out", str(tmp_path / "t"), "--device", "cpu"]) == 0
+    trained = json.loads((tmp_path / "t" / "metrics.json").read_text())
     checkpoint = tmp_path / "t" / "model.safetensors"
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--device", "cpu", "--out", str(tmp_path / "e")]) == 0
     metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
@@ -128,6 +129,13 @@ def test_evaluate_and_prune_load_the_synthetic_data_the_checkpoint_was_trained_o
     again = prune_job(checkpoint=tmp_path / "p" / "model.safetensors", sparsity=0.6, dataset="synthetic",
                       out=tmp_path / "p2", **quick)
     assert again["dense"]["num_samples"] == 64 and abs(again["prune"]["sparsity"] - 0.6) < 0.01
+    # spectrum and compare read the recorded data too (compare's --dataset no longer defaults over it).
+    assert main(["spectrum", "--checkpoint", str(checkpoint), "--top-k", "1", "--max-iter", "5", "--calib-samples", "8",
+                 "--trace-probes", "0", "--no-per-layer", "--out", str(tmp_path / "s")]) == 0
+    import yaml
+
+    spectrum_config = yaml.safe_load((tmp_path / "s" / "config.yaml").read_text())
+    assert spectrum_config["dataset_options"] == {"num_classes": 20, "shape": [3, 16, 16], "num_samples": 64}
     # A checkpoint that does not record the options (older ones) meets the default data: refused in one line.
     from camphive.checkpoints import load_checkpoint, save_checkpoint
 

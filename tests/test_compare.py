@@ -207,6 +207,7 @@ def test_tensorboard_asked_for_but_missing_is_one_clear_line(tmp_path):
     (dict(mode="structured", prune_options="merge=curvature"), "unknown merge 'curvature'"),
     (dict(mode="structured", prune_options="nonsense=1"), "unknown option(s) for structured pruning: nonsense"),
     (dict(model="resnet9000"), "unknown model 'resnet9000'"),
+    (dict(spectrum_top_k=5, spectrum_max_iter=3), "pass max_iter >= 5"),
 ])
 def test_bad_prune_options_are_refused_before_any_training(tmp_path, monkeypatch, options, message):
     from camphive.jobs import compare

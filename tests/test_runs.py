@@ -126,3 +126,35 @@ def test_a_run_that_produced_something_or_resumed_is_left_alone(tmp_path):
     assert sorted(p.name for p in old.iterdir()) == ["config.yaml", "log.txt", "logs", "progress.json"]  # no backup
     _fail_after_writing(RunFolder.create(tmp_path / "resumed", resume=True))
     assert (tmp_path / "resumed" / "progress.json").is_file()  # --resume never removes anything
+
+
+def test_an_overwrite_that_produced_something_drops_the_old_runs_other_files(tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "finetune_state.pt").write_bytes(b"the old run's optimizer")  # a later --resume must not find it
+    (old / "log.txt").write_text("old run\n")
+    run = RunFolder.create(old, overwrite=True)
+    with run.discarded_on_error():
+        run.logger().info("new run")
+        run.write_json("progress.json", {"dense": 1})
+        run.keep()
+    run.close()
+    assert sorted(p.name for p in old.iterdir()) == ["log.txt", "progress.json"]
+    assert (old / "log.txt").read_text().startswith("old run\n") and "new run" in (old / "log.txt").read_text()
+
+
+def test_json_is_written_strict_with_null_for_numbers_that_are_not_finite(tmp_path):
+    import json
+
+    import torch
+
+    from camphive.runs import atomic_write_json
+
+    path = atomic_write_json(tmp_path / "r.json", {"a": float("nan"), "b": [float("inf"), 1.5, (float("-inf"),)],
+                                                   "t": torch.tensor([1.0, float("nan")])})
+
+    def refuse(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    assert json.loads(path.read_text(), parse_constant=refuse) == {"a": None, "b": [None, 1.5, [None]],
+                                                                   "t": [1.0, None]}

@@ -76,6 +76,8 @@ def train(
     model: str = typer.Option("small-cnn", help="Architecture name (see camphive models)."),
     dataset: str = typer.Option("fashion-mnist", help="fashion-mnist, cifar10, cifar100, imagenet or synthetic."),
     data_root: Optional[str] = typer.Option(None, help="Dataset folder (default: the dataset's usual place)."),
+    dataset_options: Optional[str] = typer.Option(None, help="key=value,... e.g. num_classes=100,shape=3x32x32 "
+                                                  "(synthetic); recorded in the checkpoint."),
     out: Path = typer.Option(Path("runs/train"), help="Run folder to write."),
     epochs: int = typer.Option(10, min=0),
     batch_size: int = typer.Option(128, min=1),
@@ -274,7 +276,8 @@ def export_command(
 def compare_command(
     ctx: typer.Context,
     model: str = typer.Option("small-cnn", help="Architecture to train when no --checkpoint is given."),
-    dataset: Optional[str] = typer.Option("fashion-mnist", help="fashion-mnist, cifar10, cifar100, imagenet or synthetic."),
+    dataset: Optional[str] = typer.Option(None, help="fashion-mnist (default), cifar10, cifar100, imagenet or "
+                                          "synthetic; with --checkpoint, the one it records."),
     data_root: Optional[str] = typer.Option(None),
     dataset_options: Optional[str] = typer.Option(None, help="key=value,... e.g. num_classes=100,shape=3x32x32 (synthetic)."),
     checkpoint: Optional[Path] = typer.Option(None, help="Dense model.safetensors to start from (default: train one)."),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import stat
@@ -23,6 +24,9 @@ from pathlib import Path
 import yaml
 
 from camphive.errors import CamphiveError, ConfigError
+
+
+LOG_FILE = "log.txt"
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, *, every_process: bool = False) -> Path:
@@ -87,7 +91,21 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def atomic_write_json(path: str | Path, data) -> Path:
-    return atomic_write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+    """Strict JSON (what other tools can read): numbers that are not finite are written as ``null``."""
+    return atomic_write_text(path, json.dumps(_finite(data), indent=2, default=_json_default, allow_nan=False) + "\n")
+
+
+def _finite(value):
+    """``value`` with NaN and infinite floats (at any depth of dicts, lists, tuples) turned into None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    if hasattr(value, "to_dict") or hasattr(value, "tolist"):
+        return _finite(_json_default(value))
+    return value
 
 
 def _json_default(value):
@@ -152,9 +170,14 @@ class RunFolder:
 
     def keep(self) -> None:
         """Mark the run as holding something worth keeping (a checkpoint, resumable state):
-        from now on :meth:`discard` leaves the folder alone, and the files an ``overwrite``
-        replaced are gone for good."""
+        from now on :meth:`discard` leaves the folder alone, and an ``overwrite`` replaces the
+        old run for good: its files this run has not rewritten yet are removed too (the log
+        excepted), so that a later ``--resume`` can never pick up the old run's state."""
         if not self.kept and self.writer and self.backup is not None:
+            for relative in self.existing or ():
+                old, current = self.backup / relative, self.path / relative
+                if relative != LOG_FILE and old.is_file() and current.is_file() and os.path.samefile(old, current):
+                    current.unlink()
             shutil.rmtree(self.backup, ignore_errors=True)
         self.kept = True
 
@@ -227,7 +250,7 @@ class RunFolder:
             return silent
         logger = logging.getLogger(f"camphive.run.{self.path.resolve()}")
         if not logger.handlers:
-            handler = logging.FileHandler(self.file("log.txt"), encoding="utf-8")
+            handler = logging.FileHandler(self.file(LOG_FILE), encoding="utf-8")
             handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
             logger.addHandler(handler)
             logger.setLevel(logging.INFO)

@@ -127,14 +127,14 @@ def compare_job(
         recorded_name, recorded_options = checkpoint_dataset(stored.metadata, dataset, checkpoint)
         dataset, dataset_options = recorded_name, dataset_options or recorded_options
         model = (stored.metadata.get("arch") or {}).get("name", model)
-    if not dataset:
-        raise ConfigError("pass --dataset (e.g. fashion-mnist, cifar10 or synthetic)")
+    dataset = dataset or "fashion-mnist"  # neither --dataset nor a checkpoint names one
     device_used = resolve_device(device)
     seed_everything(seed)
     splits = load_splits(dataset, data_root, **dataset_options)
     if stored is not None:
         check_input_shape(stored.metadata, splits.test, checkpoint, dataset)
-    check_model(stored.model if stored is not None else None, model, splits, prune_options, camp_hive_options)
+    check_model(stored.model if stored is not None else None, model, splits, prune_options, camp_hive_options,
+                spectrum_top_k=spectrum_top_k, spectrum_max_iter=spectrum_max_iter)
     test_loader = datasets.loader(splits.test, batch_size=max(batch_size, 256), subset=test_subset,
                                   num_workers=num_workers, device=device_used)
     settings.update(criteria=criteria, targets=targets, target_kind=target_kind, dataset=splits.name, model=model,

@@ -221,9 +221,11 @@ def layer_lists(options: dict) -> dict:
     return options
 
 
-def check_model(model, model_name: str, splits, *option_sets: dict) -> None:
-    """The architecture ``model_name`` exists (when no ``model`` is given) and every ignored layer
-    in ``option_sets`` is one of its modules; the model is made outside the seeded random stream."""
+def check_model(model, model_name: str, splits, *option_sets: dict, spectrum_top_k: int = 0,
+                spectrum_max_iter: int = 50) -> None:
+    """The architecture ``model_name`` exists (when no ``model`` is given), every ignored layer
+    in ``option_sets`` is one of its modules, and the dense spectrum's ``spectrum_top_k`` is one
+    ``spectrum_max_iter`` products can deliver; the model is made outside the seeded random stream."""
     import torch
 
     from camphive.jobs.common import model_for
@@ -234,6 +236,10 @@ def check_model(model, model_name: str, splits, *option_sets: dict) -> None:
             model = model_for(model_name, splits)
     for options in option_sets:
         resolve_ignored(model, options.get("ignored_layers"))
+    if spectrum_top_k:
+        from camphive.curvature.spectrum import check_spectrum_request
+
+        check_spectrum_request(model, spectrum_top_k, max_iter=spectrum_max_iter, per_layer=False)
 
 
 def check_tensorboard() -> None:
