@@ -224,7 +224,7 @@ def test_bad_prune_options_are_refused_before_any_training(tmp_path, monkeypatch
 
 
 def test_check_prune_settings_accepts_what_prune_accepts():
-    from camphive.jobs.compare_options import check_prune_settings
+    from camphive.pruning.settings import check_prune_settings
 
     check_prune_settings("unstructured", "camp-hive", 0.9, None, {"score": "obs", "merge": "curvature", "cycles": 2,
                                                                    "damping": 1e-3, "min_keep": 5, "top_k": 4})

@@ -28,10 +28,11 @@ from camphive.devices import resolve_device
 from camphive.errors import CamphiveError, ConfigError
 from camphive.jobs.common import (calibration_batches, check_input_shape, checkpoint_dataset, checkpoint_metadata,
                                   load_splits, machine_description, model_for, seed_everything)
-from camphive.jobs.compare_options import (Scalars, check_model, check_plan, check_prune_settings, check_tensorboard,
-                                           layer_lists, parse_list, parse_options)
+from camphive.jobs.compare_options import (Scalars, check_model, check_plan, check_tensorboard, layer_lists, parse_list,
+                                           parse_options)
 from camphive.jobs.compare_report import write_reports
 from camphive.pruning import prune
+from camphive.pruning.settings import check_prune_settings
 from camphive.report import METHOD
 from camphive.runs import RunFolder, atomic_write_text, timestamp
 from camphive.training import TrainState, evaluate, finetune, train
