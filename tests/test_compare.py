@@ -223,23 +223,6 @@ def test_bad_prune_options_are_refused_before_any_training(tmp_path, monkeypatch
     assert not (tmp_path / "run").exists()
 
 
-def test_check_prune_settings_accepts_what_prune_accepts():
-    from camphive.pruning.settings import check_prune_settings
-
-    check_prune_settings("unstructured", "camp-hive", 0.9, None, {"score": "obs", "merge": "curvature", "cycles": 2,
-                                                                   "damping": 1e-3, "min_keep": 5, "top_k": 4})
-    check_prune_settings("structured", "camp-hive", None, 2.0, {"round_to": 8, "merge": "pair", "min_channels": 0.1,
-                                                                "global_pruning": True, "channel_score": "summed",
-                                                                "score": "obs"})
-    check_prune_settings("structured", "tp-magnitude", 0.5, None, {"ignored_layers": ["conv1"]})
-    with pytest.raises(ConfigError, match="min_keep must be >= 0"):
-        check_prune_settings("unstructured", "magnitude", 0.5, None, {"min_keep": -1})
-    with pytest.raises(ConfigError, match="recalibrate_bn=1 must be bool"):
-        check_prune_settings("unstructured", "magnitude", 0.5, None, {"recalibrate_bn": 1})
-    with pytest.raises(ConfigError, match="unknown option.*seed"):  # set by the jobs themselves
-        check_prune_settings("unstructured", "magnitude", 0.5, None, {"seed": 1})
-
-
 def test_parse_options_reads_exponents_as_numbers():
     assert parse_options("damping=1e-3,scale=5E+2,name=1e") == {"damping": 0.001, "scale": 500.0, "name": "1e"}
 
