@@ -189,7 +189,10 @@ def test_latency_runs_are_interleaved_and_modes_restored():
         assert result.iqr_ms == pytest.approx(result.q75_ms - result.q25_ms)
         assert result.samples_per_second == pytest.approx(result.batch_size / result.median_ms * 1e3)
     assert report.get("a", 4).speedup == 1.0
-    assert set(report.to_dict()) == {"baseline", "device", "threads", "warmup", "results", "channels_last", "compiled"}
+    assert set(report.to_dict()) == {"baseline", "device", "threads", "warmup", "results", "channels_last", "compiled",
+                                     "load_average"}
+    before, after = report.load_average  # the machine's state while timing, to read the medians by
+    assert before >= 0 and after >= 0
 
 
 def test_latency_speedup_and_calibrated_repeats():

@@ -262,6 +262,9 @@ class LatencyReport:
     results: list[LatencyResult]
     channels_last: bool = False
     compiled: bool = False
+    # 1-minute load average before and after timing (None where the OS has none): other work on
+    # the machine's cores slows multi-threaded runs far more than the medians' spread shows.
+    load_average: tuple[float, float] | None = None
 
     def get(self, model: str, batch_size: int) -> LatencyResult:
         for result in self.results:
@@ -306,7 +309,10 @@ def measure_latency(
     ``repeats=None`` picks the number of rounds so that timing one batch size takes
     about ``target_seconds`` (clamped to [min_repeats, max_repeats]). ``threads`` sets
     ``torch.set_num_threads`` for the measurement only. Garbage collection is paused
-    while timing, as ``timeit`` does.
+    while timing, as ``timeit`` does. The report's ``load_average`` (before, after) says how
+    busy the machine was: with other processes on its cores, runs with more than one thread
+    can slow many times over (a thread waits at every parallel region for one descheduled),
+    so time with ``threads=1`` on a shared machine.
 
     ``channels_last=True`` times copies of the models in the NHWC memory layout, with
     NHWC inputs (4-D inputs only): on CPUs, oneDNN convolutions usually run faster in
@@ -362,12 +368,24 @@ def measure_latency(
             torch.set_num_threads(threads)
         if compiled:  # never time an eager fallback as if it were compiled
             stack.enter_context(torch._dynamo.config.patch(fail_on_recompile_limit_hit=True))
+        load_before = _load_average()
         results = _time_interleaved({name: make_runner(name, models[name]) for name in names}, make_batch, batch_sizes,
                                     repeats, warmup, target_seconds, min_repeats, max_repeats)
     return LatencyReport(
         baseline=names[0], device=str(device), threads=threads or previous_threads, warmup=warmup, results=results,
-        channels_last=channels_last, compiled=compiled,
+        channels_last=channels_last, compiled=compiled, load_average=_load_pair(load_before, _load_average()),
     )
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on every OS
+        return None
+
+
+def _load_pair(before: float | None, after: float | None) -> tuple[float, float] | None:
+    return None if before is None or after is None else (before, after)
 
 
 def _compiled_forward(name: str, model: nn.Module) -> Callable[[torch.Tensor], Any]:
@@ -446,10 +464,11 @@ def measure_onnx_latency(
     def make_batch(batch_size: int) -> np.ndarray:
         return generator.standard_normal((batch_size, *input_shape), dtype=np.float32)
 
+    load_before = _load_average()
     results = _time_interleaved(runners, make_batch, batch_sizes, repeats, warmup, target_seconds, min_repeats,
                                 max_repeats)
     return LatencyReport(baseline=next(iter(files)), device="cpu (onnxruntime)", threads=int(threads), warmup=warmup,
-                         results=results)
+                         results=results, load_average=_load_pair(load_before, _load_average()))
 
 
 def _check_timing_arguments(batch_sizes, repeats, warmup, threads) -> None:

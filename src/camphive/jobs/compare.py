@@ -355,7 +355,7 @@ def _time_models(dense_model, pruned: dict, input_shape, batch_sizes, seconds, c
                          "latency_iqr_ms": first["pruned_iqr_ms"], "speedup": first["speedup"],
                          "latency": {"device": report.device, "threads": report.threads,
                                      "channels_last": report.channels_last, "compiled": report.compiled,
-                                     **per_batch}}
+                                     "load_average": report.load_average, **per_batch}}
     return timings
 
 

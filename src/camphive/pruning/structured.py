@@ -323,7 +323,8 @@ def _latency(original: nn.Module, pruned: nn.Module, example, batch_sizes, threa
     after = pruned if all(p.device.type == "cpu" for p in pruned.parameters()) else copy.deepcopy(pruned).cpu()
     report = time_models({"before": before, "after": after}, tuple(example[0].shape[1:]), batch_sizes=batch_sizes,
                          threads=threads, target_seconds=seconds, channels_last=channels_last, compiled=compiled)
-    result = {"threads": report.threads, "channels_last": report.channels_last, "compiled": report.compiled}
+    result = {"threads": report.threads, "channels_last": report.channels_last, "compiled": report.compiled,
+              "load_average": report.load_average}
     for batch_size in batch_sizes:
         old, new = report.get("before", int(batch_size)), report.get("after", int(batch_size))
         result[f"batch_{int(batch_size)}"] = {"before_ms": old.median_ms, "after_ms": new.median_ms,
