@@ -177,3 +177,15 @@ def test_loose_options_are_read_or_refused_in_one_line():
         prune(GroupedThenPlain(), image_data(), 0.5, mode="structured", round_too=8)
     with pytest.raises(ConfigError, match=r"example_inputs of shape \(1, 1, 8, 8\) do not fit the model"):
         prune(GroupedThenPlain(), image_data(), 0.5, mode="structured", example_inputs=torch.randn(1, 1, 8, 8))
+
+
+def test_a_sparsity_the_layer_floors_forbid_is_refused_before_the_first_cycle():
+    torch.manual_seed(0)
+    model = GroupNormNet().eval()
+    before = copy.deepcopy(model.state_dict())
+    finished = []
+    with pytest.raises(ConfigError, match="would empty a layer.*min_keep=0.5"):
+        prune(model, image_data(), 0.9, min_keep=0.5, cycles=3, spectrum_top_k=0,
+              on_cycle_end=lambda cycle, masks, record: finished.append(cycle))
+    assert finished == []  # refused up front, not after cycle 1 was done (and saved by the prune job)
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())

@@ -24,7 +24,7 @@ from camphive.pruning.criteria import CampHive, make_criterion
 from camphive.pruning.masks import apply_masks, check_masks, sparsity_of
 from camphive.pruning.merging import MERGES, least_squares_merge, merge_into_partner, pair_merge
 from camphive.pruning.pairing import PAIRINGS, make_pairs
-from camphive.pruning.selection import check_sparsity, cycle_targets, select_to_prune
+from camphive.pruning.selection import check_sparsity, check_target_reachable, cycle_targets, select_to_prune
 from camphive.pruning.unit_curvature import unit_matrix
 
 # Chosen by measurement (benchmarks/unstructured.py, benchmarks/RESULTS.md).
@@ -189,6 +189,7 @@ def prune(
         check_masks(model, masks)
     alive = {name: (masks[name].clone().bool() if masks and name in masks else torch.ones_like(p, dtype=torch.bool))
              for name, p in params.items()}
+    check_target_reachable(alive, sparsity, selection, min_keep)  # before any cycle, not half-way through
     device = next(iter(params.values())).device
     example = (example_inputs if example_inputs is not None else batches[0][0][:1]).to(device)
     before = _summary(model, example)

@@ -50,6 +50,34 @@ def keep_floor(numel: int, min_keep: float | int) -> int:
     return max(1, min(count, numel))
 
 
+def check_target_reachable(alive: Mapping[str, torch.Tensor], target_sparsity: float, selection: str = "global",
+                           min_keep: float | int = 0.01) -> None:
+    """Refuse a sparsity the layers' floors (``min_keep``) cannot allow, from the masks ``alive``
+    now: called before the first cycle, so a run never stops half-way for it."""
+    if selection not in SELECTIONS:
+        raise ConfigError(f"unknown selection {selection!r}; use global or layer")
+    check_sparsity(target_sparsity)
+    floors = {name: keep_floor(mask.numel(), min_keep) for name, mask in alive.items()}
+    prunable_now = {name: int(mask.sum()) - floors[name] for name, mask in alive.items()}
+    if selection == "layer":
+        for name, mask in alive.items():
+            wanted = round(target_sparsity * mask.numel()) - (mask.numel() - int(mask.sum()))
+            if wanted > prunable_now[name]:
+                raise ConfigError(
+                    f"sparsity {target_sparsity:.4f} would leave layer {name!r} fewer than {floors[name]} weights; "
+                    "lower the sparsity or min_keep"
+                )
+        return
+    total = sum(mask.numel() for mask in alive.values())
+    already = sum(mask.numel() - int(mask.sum()) for mask in alive.values())
+    capacity = sum(max(count, 0) for count in prunable_now.values())
+    if round(target_sparsity * total) - already > capacity:
+        raise ConfigError(
+            f"sparsity {target_sparsity:.4f} would empty a layer: only {capacity + already} of {total} weights can be "
+            f"pruned while every layer keeps its floor (min_keep={min_keep}); lower the sparsity or min_keep"
+        )
+
+
 def select_to_prune(
     scores: Mapping[str, torch.Tensor],
     alive: Mapping[str, torch.Tensor],
@@ -65,33 +93,19 @@ def select_to_prune(
     ``keep_floor(numel, min_keep)`` entries; a target that cannot respect the floors is an
     error, not a silent shortfall. Ties are broken by position, so the result is exact.
     """
-    if selection not in SELECTIONS:
-        raise ConfigError(f"unknown selection {selection!r}; use global or layer")
-    check_sparsity(target_sparsity)
+    check_target_reachable(alive, target_sparsity, selection, min_keep)
     names = list(alive)
     floors = {name: keep_floor(alive[name].numel(), min_keep) for name in names}
-    prunable_now = {name: int(alive[name].sum()) - floors[name] for name in names}
     if selection == "layer":
         chosen = {}
         for name in names:
             total = alive[name].numel()
             wanted = round(target_sparsity * total) - (total - int(alive[name].sum()))
-            if wanted > prunable_now[name]:
-                raise ConfigError(
-                    f"sparsity {target_sparsity:.4f} would leave layer {name!r} fewer than {floors[name]} weights; "
-                    "lower the sparsity or min_keep"
-                )
             chosen[name] = _lowest(scores[name], alive[name], max(wanted, 0))
         return chosen
     total = sum(alive[name].numel() for name in names)
     already = sum(alive[name].numel() - int(alive[name].sum()) for name in names)
     wanted = round(target_sparsity * total) - already
-    capacity = sum(max(count, 0) for count in prunable_now.values())
-    if wanted > capacity:
-        raise ConfigError(
-            f"sparsity {target_sparsity:.4f} would empty a layer: only {capacity + already} of {total} weights can be "
-            f"pruned while every layer keeps its floor (min_keep={min_keep}); lower the sparsity or min_keep"
-        )
     if wanted <= 0:
         return {name: torch.zeros_like(alive[name]) for name in names}
     # Protect each layer's floor (its highest-scoring alive entries), then take the lowest globally.
