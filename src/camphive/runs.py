@@ -92,19 +92,20 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, data) -> Path:
     """Strict JSON (what other tools can read): numbers that are not finite are written as ``null``."""
-    return atomic_write_text(path, json.dumps(_finite(data), indent=2, default=_json_default, allow_nan=False) + "\n")
+    return atomic_write_text(path, json.dumps(strict_json_data(data), indent=2, default=_json_default, allow_nan=False) + "\n")
 
 
-def _finite(value):
-    """``value`` with NaN and infinite floats (at any depth of dicts, lists, tuples) turned into None."""
+def strict_json_data(value):
+    """``value`` with NaN and infinite floats (at any depth of dicts, lists, tuples) turned into None,
+    objects with ``to_dict``/``tolist`` into plain data: what strict JSON can hold."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
+        return {key: strict_json_data(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
+        return [strict_json_data(item) for item in value]
     if hasattr(value, "to_dict") or hasattr(value, "tolist"):
-        return _finite(_json_default(value))
+        return strict_json_data(_json_default(value))
     return value
 
 

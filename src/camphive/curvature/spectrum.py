@@ -7,7 +7,6 @@ the global ones; the trace is Hutchinson's estimate with Rademacher probes.
 from __future__ import annotations
 
 import io
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -17,7 +16,7 @@ from camphive.curvature.eigen import DEFAULT_EIGEN_METHOD, EigenResult, min_max_
 from camphive.curvature.hutchinson import TraceEstimate, hutchinson_trace
 from camphive.curvature.hvp import DEFAULT_HVP_METHOD, HessianOperator, _select_parameters
 from camphive.errors import ConfigError
-from camphive.runs import atomic_write_bytes
+from camphive.runs import atomic_write_bytes, strict_json_data
 
 
 @dataclass
@@ -40,7 +39,7 @@ class SpectrumResult:
     def to_dict(self) -> dict:
         """JSON-ready, strictly: numbers that are not finite (the standard error of a one-probe
         trace, an unknown residual) are ``None``, since JSON has no NaN."""
-        return _finite_or_none({
+        return strict_json_data({
             "dim": self.dim,
             "params": list(self.params),
             "num_samples": self.num_samples,
@@ -117,17 +116,6 @@ def spectrum(
             global_eigen=global_eigen, layers=layers, trace=trace, num_matvecs=used,
             wall_time_s=time.perf_counter() - start, settings=settings,
         )
-
-
-def _finite_or_none(value):
-    """``value`` with every NaN/inf float replaced by ``None``, through dicts and lists."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _finite_or_none(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(item) for item in value]
-    return value
 
 
 def check_spectrum_request(
