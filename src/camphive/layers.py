@@ -15,6 +15,14 @@ from camphive.errors import ConfigError
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
 
 
+def layer_list(layers: Iterable[str | nn.Module] | str | nn.Module | None) -> list[str | nn.Module]:
+    """``ignored_layers`` as a list: one name or module given on its own is one layer (a string
+    is not read as its letters)."""
+    if layers is None:
+        return []
+    return [layers] if isinstance(layers, (str, nn.Module)) else list(layers)
+
+
 def prunable_layers(
     model: nn.Module, ignored_layers: Iterable[str | nn.Module] | None = None
 ) -> dict[str, nn.Module]:
@@ -26,7 +34,7 @@ def prunable_layers(
     ignored_names: set[str] = set()
     ignored_ids: set[int] = set()
     module_names = {name for name, _ in model.named_modules()}
-    for item in ignored_layers or ():
+    for item in layer_list(ignored_layers):
         if isinstance(item, nn.Module):
             ignored_ids.add(id(item))
         else:

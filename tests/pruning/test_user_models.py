@@ -171,6 +171,9 @@ def test_loose_options_are_read_or_refused_in_one_line():
     model = GroupedThenPlain().eval()
     result = prune(model, image_data(), 0.5, mode="structured", measure_latency=False, ignored_layers="c3")
     assert model.c3.out_channels == 16 and result.config["ignored_layers"] == ["c3"]  # one name, not its letters
+    unstructured = GroupedThenPlain().eval()
+    prune(unstructured, image_data(), 0.5, ignored_layers="c3", spectrum_top_k=0)
+    assert bool((unstructured.c3.weight != 0).all()) and bool((unstructured.c4.weight == 0).any())
     with pytest.raises(ConfigError, match="cycles must be >= 1"):
         prune(GroupedThenPlain(), image_data(), 0.5, cycles=0)
     with pytest.raises(ConfigError, match="unknown option.*round_too.*structured options are"):

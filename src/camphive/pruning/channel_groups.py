@@ -21,6 +21,7 @@ import torch_pruning as tp
 from torch import nn
 
 from camphive.errors import ConfigError, one_line
+from camphive.layers import layer_list
 from camphive.measure import Inputs, eval_mode, inputs_on_model_device
 
 CONV_OR_LINEAR = (nn.modules.conv._ConvNd, nn.Linear)
@@ -88,7 +89,7 @@ def resolve_ignored(model: nn.Module, ignored_layers: Iterable[str | nn.Module] 
     """Modules whose output channels stay: the named modules and every module inside them."""
     modules = dict(model.named_modules())
     ignored: list[nn.Module] = []
-    for item in ignored_layers or ():
+    for item in layer_list(ignored_layers):
         if isinstance(item, nn.Module):
             module = item
         elif item in modules:

@@ -133,8 +133,6 @@ def prune(
     """
     if cycles is not None and (isinstance(cycles, bool) or int(cycles) < 1):
         raise ConfigError(f"cycles must be >= 1 (or None for the default), got {cycles}")
-    if isinstance(ignored_layers, (str, nn.Module)):  # one layer given on its own
-        ignored_layers = [ignored_layers]
     batches = take_batches(calib_data, num_batches)
     check_model_runs(model, batches)
     if mode == "structured":

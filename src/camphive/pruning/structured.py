@@ -36,7 +36,7 @@ from torch import nn
 
 from camphive.batches import take_batches
 from camphive.errors import ConfigError, NumericalError, one_line
-from camphive.layers import prunable_parameters
+from camphive.layers import layer_list, prunable_parameters
 from camphive.measure import (MacsReport, as_input_tuple, count_macs, count_parameters, eval_mode,
                               inputs_on_model_device)
 from camphive.measure import measure_latency as time_models
@@ -144,8 +144,7 @@ def prune_structured(
     latency_skipped = _latency_skip_reason(example) if measure_latency else None
     if latency_skipped is None and measure_latency and latency_channels_last and example[0].dim() != 4:
         raise ConfigError("latency_channels_last needs one image input (N, C, H, W); time without it")
-    if isinstance(ignored_layers, (str, nn.Module)):  # one layer given on its own
-        ignored_layers = [ignored_layers]
+    ignored_layers = layer_list(ignored_layers)  # one name given on its own is one layer
     ignored = resolve_ignored(model, ignored_layers)
     original_model = copy.deepcopy(model) if measure_latency and not latency_skipped else None
     out_channels_before = _out_channels(model)
@@ -235,7 +234,7 @@ def prune_structured(
               "flatten_fit": flatten_fit, "damping": damping, "intercept": intercept, "recalibrate_bn": recalibrate_bn,
               "global_pruning": global_pruning, "round_to": round_to,
               "min_channels": min_channels,
-              "ignored_layers": [x if isinstance(x, str) else type(x).__name__ for x in (ignored_layers or [])],
+              "ignored_layers": [x if isinstance(x, str) else type(x).__name__ for x in ignored_layers],
               "num_batches": len(batches), "num_samples": sum(int(x.shape[0]) for x, _ in batches), "seed": seed}
     return PruneResult(mode="structured", masks={},
                        sparsity=1.0 - sum(final_sizes.values()) / total_channels if total_channels else 0.0,
