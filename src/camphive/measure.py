@@ -320,8 +320,9 @@ def measure_latency(
 
     ``compiled=True`` times the models compiled by ``torch.compile`` (TorchInductor, static
     shapes; on the CPU it needs a C++ compiler; the models themselves are not changed): it
-    fuses the small operators that dominate pruned models. Each model compiles once per batch size, in the first warm-up round (at least two are run, so
-    the timed rounds and their count never include compiling).
+    fuses the small operators that dominate pruned models. Each model compiles once per batch
+    size, in the first warm-up round (at least two are run, so the timed rounds and their count
+    never include compiling).
 
     On glibc, activations of several MB are mmapped and unmapped on every forward pass by
     default, so timings also carry page faults that depend on the allocator's history (the
@@ -368,12 +369,11 @@ def measure_latency(
             torch.set_num_threads(threads)
         if compiled:  # never time an eager fallback as if it were compiled
             stack.enter_context(torch._dynamo.config.patch(fail_on_recompile_limit_hit=True))
-        load_before = _load_average()
-        results = _time_interleaved({name: make_runner(name, models[name]) for name in names}, make_batch, batch_sizes,
-                                    repeats, warmup, target_seconds, min_repeats, max_repeats)
+        results, load = _time_interleaved({name: make_runner(name, models[name]) for name in names}, make_batch,
+                                          batch_sizes, repeats, warmup, target_seconds, min_repeats, max_repeats)
     return LatencyReport(
         baseline=names[0], device=str(device), threads=threads or previous_threads, warmup=warmup, results=results,
-        channels_last=channels_last, compiled=compiled, load_average=_load_pair(load_before, _load_average()),
+        channels_last=channels_last, compiled=compiled, load_average=load,
     )
 
 
@@ -382,10 +382,6 @@ def _load_average() -> float | None:
         return os.getloadavg()[0]
     except (AttributeError, OSError):  # not on every OS
         return None
-
-
-def _load_pair(before: float | None, after: float | None) -> tuple[float, float] | None:
-    return None if before is None or after is None else (before, after)
 
 
 def _compiled_forward(name: str, model: nn.Module) -> Callable[[torch.Tensor], Any]:
@@ -464,11 +460,10 @@ def measure_onnx_latency(
     def make_batch(batch_size: int) -> np.ndarray:
         return generator.standard_normal((batch_size, *input_shape), dtype=np.float32)
 
-    load_before = _load_average()
-    results = _time_interleaved(runners, make_batch, batch_sizes, repeats, warmup, target_seconds, min_repeats,
-                                max_repeats)
+    results, load = _time_interleaved(runners, make_batch, batch_sizes, repeats, warmup, target_seconds, min_repeats,
+                                      max_repeats)
     return LatencyReport(baseline=next(iter(files)), device="cpu (onnxruntime)", threads=int(threads), warmup=warmup,
-                         results=results, load_average=_load_pair(load_before, _load_average()))
+                         results=results, load_average=load)
 
 
 def _check_timing_arguments(batch_sizes, repeats, warmup, threads) -> None:
@@ -481,8 +476,11 @@ def _check_timing_arguments(batch_sizes, repeats, warmup, threads) -> None:
 
 
 def _time_interleaved(runners: Mapping[str, Callable], make_batch: Callable, batch_sizes, repeats, warmup,
-                      target_seconds, min_repeats, max_repeats) -> list[LatencyResult]:
-    """Time every runner on the same batch, interleaved: round r starts with runner ``r mod n``."""
+                      target_seconds, min_repeats, max_repeats
+                      ) -> tuple[list[LatencyResult], tuple[float, float] | None]:
+    """Time every runner on the same batch, interleaved: round r starts with runner ``r mod n``.
+    Also returns the load average before and after (None where the OS has none)."""
+    load_before = _load_average()
     names = list(runners)
     results: list[LatencyResult] = []
 
@@ -519,7 +517,8 @@ def _time_interleaved(runners: Mapping[str, Callable], make_batch: Callable, bat
     finally:
         if gc_was_enabled:
             gc.enable()
-    return results
+    load_after = _load_average()
+    return results, (None if load_before is None or load_after is None else (load_before, load_after))
 
 
 def _summarize(name: str, batch_size: int, seconds: np.ndarray) -> LatencyResult:
