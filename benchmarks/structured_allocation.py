@@ -27,8 +27,8 @@ import torch  # noqa: E402
 from camphive import models  # noqa: E402
 from camphive.export import fold_batchnorm  # noqa: E402
 from camphive.measure import count_macs, measure_latency  # noqa: E402
-from camphive.pruning.channel_budget import MacsModel  # noqa: E402
-from camphive.pruning.channel_groups import build_dependency_graph, channel_groups, remove_channels  # noqa: E402
+from camphive.pruning.structured.budget import MacsModel  # noqa: E402
+from camphive.pruning.structured.groups import build_dependency_graph, channel_groups, remove_channels  # noqa: E402
 
 INPUT = (1, 28, 28)
 DENSE = (16, 16, 32, 32, 64, 64)  # (residual, inner) widths of stages 1-3

@@ -10,7 +10,8 @@ import camphive.export as export_module
 from camphive import models
 from camphive.checkpoints import save_checkpoint
 from camphive.errors import CamphiveError, ConfigError
-from camphive.export import ExampleInputsError, conv_batchnorm_pairs, export_onnx, fold_batchnorm
+from camphive.conv_batchnorm import conv_batchnorm_pairs
+from camphive.export import ExampleInputsError, export_onnx, fold_batchnorm
 from camphive.jobs.export import export_job
 
 

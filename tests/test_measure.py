@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from camphive.errors import ConfigError
-from camphive.measure import count_macs, count_parameters, inputs_on_model_device, measure_latency, model_summary
+from camphive.measure import count_macs, count_parameters, measure_latency, model_summary
+from camphive.modules import inputs_on_model_device
 
 
 @pytest.fixture(autouse=True)

@@ -25,7 +25,8 @@ from camphive import progress
 from camphive.batches import as_batches
 from camphive.devices import resolve_device
 from camphive.errors import ConfigError, DataError, NumericalError
-from camphive.pruning.masks import apply_masks, check_masks, mask_gradients
+from camphive.modules import check_targets, forward_checked
+from camphive.pruning.unstructured.masks import apply_masks, check_masks, mask_gradients
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 SCHEDULES = ("cosine", "step", "constant")
@@ -102,31 +103,6 @@ def make_scheduler(optimizer, schedule: str, total_steps: int, milestones=None, 
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def check_targets(targets: torch.Tensor, num_outputs: int, where: str) -> None:
-    if targets.dtype.is_floating_point:
-        return  # soft targets or regression: the loss function decides
-    low, high = int(targets.min()), int(targets.max())
-    if low < 0 or high >= num_outputs:
-        raise DataError(
-            f"labels in {where} range from {low} to {high} but the model has {num_outputs} outputs; "
-            f"create the model with num_classes > {high} or fix the labels"
-        )
-
-
-def forward_checked(model: nn.Module, inputs: torch.Tensor, where: str) -> torch.Tensor:
-    """Run the model; turn a shape mismatch into one clear line."""
-    try:
-        return model(inputs)
-    except RuntimeError as error:
-        message = str(error).splitlines()[0]
-        if any(word in message for word in ("shape", "size", "channels", "Expected", "mat1", "match")):
-            raise DataError(
-                f"inputs of shape {tuple(inputs.shape)} in {where} do not fit the model ({message}); "
-                "check the dataset's channels and image size against the model's in_channels"
-            ) from error
-        raise
 
 
 def _seed_epoch(data, seed: int, epoch: int, rank: int = 0) -> None:

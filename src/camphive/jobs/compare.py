@@ -32,7 +32,7 @@ from camphive.jobs.compare_options import (Scalars, check_model, check_plan, che
                                            parse_options)
 from camphive.jobs.compare_report import write_reports
 from camphive.pruning import prune
-from camphive.pruning.settings import check_prune_settings
+from camphive.pruning.core.settings import check_prune_settings
 from camphive.report import METHOD
 from camphive.runs import RunFolder, atomic_write_text, timestamp
 from camphive.training import TrainState, evaluate, finetune, train

@@ -1,6 +1,6 @@
 """Reading ``camphive compare``'s options: lists and key=value strings (as typed, or as a YAML
 config file's lists and mappings reach a text option), the checks of the plan that run before
-any work starts (the pruning settings' own: :mod:`camphive.pruning.settings`), and the
+any work starts (the pruning settings' own: :mod:`camphive.pruning.core.settings`), and the
 optional TensorBoard writer.
 """
 from __future__ import annotations
@@ -85,8 +85,8 @@ def _split_top_level(text: str) -> list[str]:
 
 def check_plan(mode: str, criteria, sparsities, macs_ratios) -> tuple[list[str], list[float], str]:
     """Criteria (canonical names), targets and what the targets are, or one ConfigError line."""
-    from camphive.pruning.channel_scores import STRUCTURED_CRITERIA, canonical_criterion
-    from camphive.pruning.criteria import CRITERIA
+    from camphive.pruning.structured.scores import STRUCTURED_CRITERIA, canonical_criterion
+    from camphive.pruning.criteria.base import CRITERIA
 
     if mode not in ("unstructured", "structured"):
         raise ConfigError(f"unknown --mode {mode!r}; use unstructured or structured")
@@ -130,7 +130,7 @@ def check_model(model, model_name: str, splits, *option_sets: dict, spectrum_top
     import torch
 
     from camphive.jobs.common import model_for
-    from camphive.pruning.channel_groups import resolve_ignored
+    from camphive.pruning.structured.groups import resolve_ignored
 
     if model is None:
         with torch.random.fork_rng(devices=[]):

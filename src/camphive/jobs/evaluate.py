@@ -11,7 +11,7 @@ from camphive import data as datasets
 from camphive import distributed
 from camphive.checkpoints import load_checkpoint
 from camphive.jobs.common import check_input_shape, checkpoint_dataset
-from camphive.pruning.masks import sparsity_of
+from camphive.pruning.unstructured.masks import sparsity_of
 from camphive.training import evaluate
 
 

@@ -24,8 +24,8 @@ from camphive.errors import ConfigError
 from camphive.jobs.common import (calibration_batches, calibration_share, check_input_shape, checkpoint_dataset,
                                   machine_description, seed_everything)
 from camphive.pruning import prune
-from camphive.pruning.settings import check_prune_settings
-from camphive.pruning.channel_groups import resolve_ignored
+from camphive.pruning.core.settings import check_prune_settings
+from camphive.pruning.structured.groups import resolve_ignored
 from camphive.runs import RunFolder, timestamp
 from camphive.training import TrainState, evaluate, finetune
 

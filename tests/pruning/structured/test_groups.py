@@ -7,10 +7,10 @@ from torch import nn
 from camphive import models
 from camphive.errors import ConfigError
 from camphive.measure import count_macs
-from camphive.pruning.channel_budget import MacsModel, round_kept, uniform_kept
-from camphive.pruning.channel_groups import build_dependency_graph, channel_groups, remove_channels, resolve_ignored
-from camphive.pruning.channel_scores import ChannelScorer, weight_scores_to_channels
-from camphive.pruning.structured import prune_structured
+from camphive.pruning.structured.budget import MacsModel, round_kept, uniform_kept
+from camphive.pruning.structured.groups import build_dependency_graph, channel_groups, remove_channels, resolve_ignored
+from camphive.pruning.structured.scores import ChannelScorer, weight_scores_to_channels
+from camphive.pruning.structured.prune import prune_structured
 
 
 def _groups(model, example):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from camphive.errors import ConfigError
-from camphive.pruning.selection import cycle_targets, keep_floor, select_to_prune
+from camphive.pruning.unstructured.selection import cycle_targets, keep_floor, select_to_prune
 
 
 def _scores(*shapes, seed=0):

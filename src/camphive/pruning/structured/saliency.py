@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from camphive.pruning.channel_groups import ChannelGroup, per_input_channel
+from camphive.pruning.structured.groups import ChannelGroup, per_input_channel
 
 _TINY = 1e-300
 

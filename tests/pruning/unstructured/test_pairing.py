@@ -1,7 +1,7 @@
 import torch
 
-from camphive.pruning.pairing import coupled_pairs, cyclic_pairs
-from camphive.pruning.unit_curvature import ReconstructionCurvature
+from camphive.pruning.unstructured.pairing import coupled_pairs, cyclic_pairs
+from camphive.pruning.core.unit_curvature import ReconstructionCurvature
 
 from tests.pruning.cases import gaussian_covariance
 

@@ -3,20 +3,20 @@
 Each cycle:
 
 1. trace the current model with Torch-Pruning's dependency graph and list its channel
-   groups (:mod:`~camphive.pruning.channel_groups`): output channels with their BN
+   groups (:mod:`~camphive.pruning.structured.groups`): output channels with their BN
    channels, depthwise filters, residual partners and the input channels that read them;
    the classifier's outputs and ``ignored_layers``' outputs are never touched;
-2. score every channel (:mod:`~camphive.pruning.channel_scores`): by default CAMP-HiVe's
+2. score every channel (:mod:`~camphive.pruning.structured.scores`): by default CAMP-HiVe's
    fold-aware Optimal Brain Surgeon cost under each consumer's reconstruction curvature,
-   removed greedily (:mod:`~camphive.pruning.channel_saliency`); or the CAMP-HiVe per-weight
+   removed greedily (:mod:`~camphive.pruning.structured.saliency`); or the CAMP-HiVe per-weight
    scores summed over the group (``channel_score="summed"``); or a baseline (L1 magnitude,
    Taylor, random, OBD, Hutchinson, Torch-Pruning's group importances);
-3. decide how many channels each group keeps (:mod:`~camphive.pruning.channel_budget`):
+3. decide how many channels each group keeps (:mod:`~camphive.pruning.structured.budget`):
    this cycle's share of the final ``sparsity`` (fraction of channels) or
    ``target_macs_ratio``, uniform over groups or global by normalized score, optionally
    rounded to multiples of ``round_to``;
 4. fold the lowest-scoring channels into kept ones through every layer that reads them
-   (:mod:`~camphive.pruning.channel_merging`), remove them physically (so MACs, parameters
+   (:mod:`~camphive.pruning.structured.merging`), remove them physically (so MACs, parameters
    and latency really drop, and the model exports and reloads as usual), and re-estimate
    BatchNorm statistics on the calibration images.
 
@@ -37,17 +37,37 @@ from torch import nn
 from camphive.batches import take_batches
 from camphive.errors import ConfigError, NumericalError, one_line
 from camphive.layers import layer_list, prunable_parameters
-from camphive.measure import (MacsReport, as_input_tuple, count_macs, count_parameters, eval_mode,
-                              inputs_on_model_device)
+from camphive.measure import MacsReport, count_macs, count_parameters
 from camphive.measure import measure_latency as time_models
-from camphive.pruning.calibration import CalibrationInfo
-from camphive.pruning.channel_budget import (MacsModel, check_targets, global_kept, global_kept_for_macs,
-                                             lowest_channels, uniform_kept, uniform_kept_for_macs)
-from camphive.pruning.channel_groups import build_dependency_graph, channel_groups, remove_channels, resolve_ignored
-from camphive.pruning.channel_merging import (BETA_SOURCES, FLATTEN_FITS, STRUCTURED_MERGES, STRUCTURED_PAIRINGS,
-                                              consumer_grams, merge_group, norms_after)
-from camphive.pruning.channel_scores import ChannelScorer, canonical_criterion
-from camphive.pruning.pipeline import PruneResult, recalibrate_batchnorm
+from camphive.modules import as_input_tuple, eval_mode, inputs_on_model_device
+from camphive.pruning.core.calibration import CalibrationInfo
+from camphive.pruning.structured.budget import (
+    MacsModel,
+    check_targets,
+    global_kept,
+    global_kept_for_macs,
+    lowest_channels,
+    uniform_kept,
+    uniform_kept_for_macs,
+)
+from camphive.pruning.structured.groups import (
+    build_dependency_graph,
+    channel_groups,
+    remove_channels,
+    resolve_ignored,
+)
+from camphive.pruning.structured.merging import (
+    BETA_SOURCES,
+    FLATTEN_FITS,
+    STRUCTURED_MERGES,
+    STRUCTURED_PAIRINGS,
+    consumer_grams,
+    merge_group,
+    norms_after,
+)
+from camphive.pruning.structured.scores import ChannelScorer, canonical_criterion
+from camphive.pruning.core.batchnorm import recalibrate_batchnorm
+from camphive.pruning.core.result import PruneResult
 
 # Defaults for CAMP-HiVe (baselines default to plain removal, merge="none").
 DEFAULTS = {"channel_score": "greedy_obs", "merge": "least_squares", "pairing": "coupled", "beta_from": "activations",

@@ -4,7 +4,7 @@ Two families share one interface so that every criterion runs through the same s
 pipeline:
 
 * the project's per-weight criteria (CAMP-HiVe, magnitude, random, Taylor, OBD,
-  Hutchinson; :mod:`camphive.pruning.criteria`): a channel's score is the sum of the
+  Hutchinson; :mod:`camphive.pruning.criteria.base`): a channel's score is the sum of the
   per-weight scores of every weight of the group that belongs to it (producer filters,
   depthwise filters, consumer input columns);
 * Torch-Pruning's own group importances (``tp-magnitude``: group L2 norm, ``tp-taylor``:
@@ -29,10 +29,10 @@ from torch import nn
 from camphive import distributed
 from camphive.curvature.fisher import empirical_fisher_diagonal
 from camphive.errors import ConfigError
-from camphive.measure import eval_mode
-from camphive.pruning.channel_groups import ChannelGroup, layer_weight_name, per_input_channel, per_output_channel
-from camphive.pruning.channel_saliency import greedy_obs_scores, obs_saliency
-from camphive.pruning.criteria import CRITERIA, make_criterion
+from camphive.modules import eval_mode
+from camphive.pruning.structured.groups import ChannelGroup, layer_weight_name, per_input_channel, per_output_channel
+from camphive.pruning.structured.saliency import greedy_obs_scores, obs_saliency
+from camphive.pruning.criteria.base import CRITERIA, make_criterion
 
 TP_CRITERIA = ("tp-magnitude", "tp-taylor", "tp-hessian")
 STRUCTURED_CRITERIA = CRITERIA + TP_CRITERIA
@@ -56,7 +56,7 @@ class ChannelScorer:
 
     ``channel_score`` (CAMP-HiVe only): ``"summed"`` sums the criterion's per-weight scores
     over the group; ``"obs"`` and ``"greedy_obs"`` are the channel-space Optimal Brain
-    Surgeon saliencies of :mod:`~camphive.pruning.channel_saliency` (what a removal costs
+    Surgeon saliencies of :mod:`~camphive.pruning.structured.saliency` (what a removal costs
     after the least-squares fold; greedy: given the channels removed before it).
     ``options`` go to the CAMP-HiVe criterion (score, curvature, ...).
     """
@@ -89,7 +89,7 @@ class ChannelScorer:
     def scores(self, model: nn.Module, groups: list[ChannelGroup], info, batches, loss_fn=None, grams=None,
                damping: float = 0.01) -> list[torch.Tensor]:
         """``[(group.size,) float64 tensor per group]``; ``grams`` from
-        :func:`~camphive.pruning.channel_merging.consumer_grams` when ``channel_score="obs"``."""
+        :func:`~camphive.pruning.structured.merging.consumer_grams` when ``channel_score="obs"``."""
         if self.channel_score in ("obs", "greedy_obs"):
             saliency = obs_saliency if self.channel_score == "obs" else greedy_obs_scores
             read = {key for key, _ in (grams or {})}

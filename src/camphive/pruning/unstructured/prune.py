@@ -9,23 +9,25 @@ between them are fair by construction.
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from camphive.batches import take_batches
-from camphive.errors import ConfigError, NumericalError
+from camphive.errors import ConfigError
 from camphive.layers import prunable_parameters
-from camphive.pruning.calibration import CalibrationInfo
-from camphive.pruning.criteria import CampHive, make_criterion
-from camphive.pruning.masks import apply_masks, check_masks, sparsity_of
-from camphive.pruning.merging import MERGES, least_squares_merge, merge_into_partner, pair_merge
-from camphive.pruning.pairing import PAIRINGS, make_pairs
-from camphive.pruning.selection import check_sparsity, check_target_reachable, cycle_targets, select_to_prune
-from camphive.pruning.unit_curvature import unit_matrix
+from camphive.pruning.core.batchnorm import recalibrate_batchnorm
+from camphive.pruning.core.calibration import CalibrationInfo
+from camphive.pruning.core.checks import check_finite, check_model_runs, summary_without_layers
+from camphive.pruning.core.result import PruneResult
+from camphive.pruning.core.sharpness import top_loss_eigenvalues
+from camphive.pruning.criteria.base import make_criterion
+from camphive.pruning.unstructured.masks import apply_masks, check_masks, sparsity_of
+from camphive.pruning.unstructured.merging import MERGES, least_squares_merge, merge_into_partner, pair_merge
+from camphive.pruning.unstructured.pairing import PAIRINGS, make_pairs
+from camphive.pruning.unstructured.selection import check_sparsity, check_target_reachable, cycle_targets, select_to_prune
+from camphive.pruning.core.unit_curvature import unit_matrix
 
 # Chosen by measurement (benchmarks/unstructured.py, benchmarks/RESULTS.md).
 DEFAULTS = {
@@ -37,33 +39,6 @@ DEFAULTS = {
     "cycles": 3,
     "recalibrate_bn": True,  # every criterion: BatchNorm statistics re-estimated after each cycle
 }
-
-
-@dataclass
-class PruneResult:
-    """What a pruning run did and measured. ``masks``: parameter name -> bool (True = kept)."""
-
-    mode: str
-    masks: dict[str, torch.Tensor]
-    sparsity: float
-    layer_sparsity: dict[str, float]
-    before: dict
-    after: dict
-    eigenvalues: dict
-    num_hvps: int
-    curvature_seconds: float
-    seconds: float
-    cycles: list[dict] = field(default_factory=list)
-    config: dict = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return {
-            "mode": self.mode, "sparsity": self.sparsity, "layer_sparsity": self.layer_sparsity,
-            "before": self.before, "after": self.after, "eigenvalues": self.eigenvalues,
-            "num_hvps": self.num_hvps, "curvature_seconds": self.curvature_seconds, "seconds": self.seconds,
-            "cycles": self.cycles, "config": self.config, **self.extra,
-        }
 
 
 def prune(
@@ -122,7 +97,7 @@ def prune(
     ``recalibrate_bn`` (default True, every criterion) re-estimates BatchNorm statistics on
     the calibration batches after each cycle (averaged over processes under torchrun).
 
-    ``mode="structured"`` removes whole channels (see :mod:`camphive.pruning.structured`).
+    ``mode="structured"`` removes whole channels (see :mod:`camphive.pruning.structured.prune`).
 
     ``spectrum_top_k``: the top loss-Hessian eigenvalues (by Lanczos, tolerance 1e-3) measured
     before and after pruning for the report (sharpness); 0 skips them.
@@ -136,7 +111,7 @@ def prune(
     batches = take_batches(calib_data, num_batches)
     check_model_runs(model, batches)
     if mode == "structured":
-        from camphive.pruning.structured import check_structured_options, prune_structured
+        from camphive.pruning.structured.prune import check_structured_options, prune_structured
 
         check_structured_options(structured_options)
 
@@ -190,8 +165,8 @@ def prune(
     check_target_reachable(alive, sparsity, selection, min_keep)  # before any cycle, not half-way through
     device = next(iter(params.values())).device
     example = (example_inputs if example_inputs is not None else batches[0][0][:1]).to(device)
-    before = _summary(model, example)
-    _check_finite(params, "before pruning")
+    before = summary_without_layers(model, example)
+    check_finite(params, "before pruning")
     settings = {"top_k": top_k, "scope": scope, "damping": damping, "eigen_method": eigen_method,
                 "hutchinson_probes": hutchinson_probes, "loss_diagonal": loss_diagonal, "seed": seed}
     history, eigenvalues, num_hvps, curvature_seconds = [], {}, 0, 0.0
@@ -215,7 +190,7 @@ def prune(
                              merge, pairing, view, clip)
             alive[name] &= ~pruned_now[name]
         apply_masks(model, alive)
-        _check_finite(params, f"cycle {cycle + 1} merge")
+        check_finite(params, f"cycle {cycle + 1} merge")
         if recovery_steps and prunes_any:  # a cycle that removes nothing leaves the model exactly as it was
             _recover(model, batches, alive, recovery_steps, recovery_lr, loss_fn)
         if recalibrate_bn and prunes_any:
@@ -240,7 +215,7 @@ def prune(
               "loss_diagonal": loss_diagonal, "num_batches": len(batches),
               "num_samples": sum(int(x.shape[0]) for x, _ in batches), "spectrum_top_k": spectrum_top_k, "seed": seed}
     return PruneResult(mode=mode, masks=alive, sparsity=global_sparsity, layer_sparsity=layer_sparsity,
-                       before=before, after=_summary(model, example), eigenvalues=eigenvalues, num_hvps=num_hvps,
+                       before=before, after=summary_without_layers(model, example), eigenvalues=eigenvalues, num_hvps=num_hvps,
                        curvature_seconds=curvature_seconds, seconds=time.perf_counter() - started,
                        cycles=history, config=config, extra={"sharpness": sharpness})
 
@@ -269,110 +244,6 @@ def _recover(model, batches, masks, steps, lr, loss_fn) -> None:
     if steps:
         train(model, batches[:steps], epochs=1, lr=lr, masks=masks, loss_fn=loss_fn, schedule="constant",
               device=next(model.parameters()).device, weight_decay=0.0)
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, batches, reduce_over_processes: bool = False) -> None:
-    """Re-estimate BatchNorm running statistics on ``batches`` (cumulative average), in place.
-
-    ``reduce_over_processes``: under torchrun, where each process holds its own share of the
-    calibration batches, average the statistics over the processes (weighted by batch counts),
-    so every process ends with the same ones: those of all the batches when the shares are
-    whole batches.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not norms:
-        return
-    training = [(m, m.training) for m in model.modules()]
-    momenta = [(m, m.momentum) for m in norms]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None
-    model.train()
-    device = next(model.parameters()).device
-    used = 0
-    try:
-        for inputs, _ in batches:
-            if inputs.shape[0] > 1:
-                model(inputs.to(device))
-                used += 1
-    finally:
-        for module, flag in training:
-            module.training = flag
-        for norm, momentum in momenta:
-            norm.momentum = momentum
-    if reduce_over_processes:
-        _average_statistics_over_processes(norms, used)
-
-
-@torch.no_grad()
-def _average_statistics_over_processes(norms: list, used: int) -> None:
-    from camphive import distributed
-
-    if not distributed.is_distributed():
-        return
-    total = distributed.all_reduce_int(used)
-    if total == 0:
-        return
-    statistics = [buffer for norm in norms for buffer in (norm.running_mean, norm.running_var)]
-    averaged = distributed.all_reduce_tensors([buffer.double() * (used / total) for buffer in statistics])
-    for buffer, value in zip(statistics, averaged):
-        buffer.copy_(value)
-    for norm in norms:
-        norm.num_batches_tracked.fill_(total)
-
-
-def top_loss_eigenvalues(model, batches, params, loss_fn, k: int, seed: int) -> tuple[list[float], int, float]:
-    """Top-``k`` loss-Hessian eigenvalues (by magnitude) of the prunable weights: (values, HVPs, seconds)."""
-    from camphive.curvature import HessianOperator, top_eigenpairs
-
-    started = time.perf_counter()
-    with HessianOperator(model, batches, loss_fn=loss_fn, params=list(params)) as operator:
-        # One extra pair: Lanczos converges both ends of the spectrum, so the largest
-        # magnitude is not missed when a negative and a positive eigenvalue nearly tie.
-        result = top_eigenpairs(operator, k=min(k + 1, operator.dim), method="lanczos", tol=1e-3, seed=seed)
-    if not result.all_converged:
-        warnings.warn(f"top loss-Hessian eigenvalues did not converge ({result.message}); the report shows estimates",
-                      stacklevel=3)
-    if not torch.isfinite(result.eigenvalues).all():
-        raise NumericalError("loss Hessian eigenvalues are not finite; check the model's weights and data for NaN/inf")
-    return result.eigenvalues[:k].tolist(), result.num_matvecs, time.perf_counter() - started
-
-
-@torch.no_grad()
-def check_model_runs(model: nn.Module, batches) -> None:
-    """Run the first calibration batch once, so that a wrong input shape or label range
-    fails here with one clear line instead of deep inside the curvature code."""
-    from camphive.training import check_targets, forward_checked
-
-    inputs, targets = batches[0]
-    device = next(model.parameters(), torch.empty(0)).device
-    was_training = model.training
-    model.eval()
-    try:
-        outputs = forward_checked(model, inputs[:2].to(device), "the calibration data")
-    finally:
-        model.train(was_training)
-    if not torch.is_tensor(outputs):
-        raise ConfigError(f"the model returns a {type(outputs).__name__}, not a tensor; camphive prunes models whose "
-                          "forward returns one output tensor (logits): wrap yours in an nn.Module whose forward "
-                          "returns that tensor, e.g. outputs[0] or outputs['logits']")
-    if outputs.ndim == 2 and not targets.dtype.is_floating_point:
-        check_targets(targets, outputs.shape[-1], "the calibration data")
-
-
-def _summary(model, example) -> dict:
-    from camphive.measure import model_summary
-
-    summary = model_summary(model, example)
-    summary.pop("layers", None)
-    return summary
-
-
-def _check_finite(params, where: str) -> None:
-    for name, parameter in params.items():
-        if not torch.isfinite(parameter).all():
-            raise NumericalError(f"weight {name} holds NaN or inf {where}; check the model (or lower clip/damping options)")
 
 
 def _check_choice(option: str, value, choices) -> None:

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from camphive.pruning import prune
-from camphive.pruning.selection import keep_floor, select_to_prune
+from camphive.pruning.unstructured.selection import keep_floor, select_to_prune
 
 shapes = st.lists(st.tuples(st.integers(1, 12), st.integers(1, 12)), min_size=1, max_size=4)
 

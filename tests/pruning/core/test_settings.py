@@ -2,7 +2,7 @@
 import pytest
 
 from camphive.errors import ConfigError
-from camphive.pruning.settings import check_prune_settings
+from camphive.pruning.core.settings import check_prune_settings
 
 
 def test_check_prune_settings_accepts_what_prune_accepts():

@@ -18,7 +18,7 @@ from torch import nn
 
 from camphive.errors import ConfigError
 from camphive.measure import MacsReport
-from camphive.pruning.channel_groups import ChannelGroup
+from camphive.pruning.structured.groups import ChannelGroup
 
 
 @dataclass

@@ -11,8 +11,8 @@ from camphive.errors import ConfigError
 from camphive.export import export_onnx
 from camphive.measure import count_macs, count_parameters
 from camphive.pruning import prune
-from camphive.pruning.channel_scores import STRUCTURED_CRITERIA
-from camphive.pruning.structured import prune_structured
+from camphive.pruning.structured.scores import STRUCTURED_CRITERIA
+from camphive.pruning.structured.prune import prune_structured
 
 MODELS = [("resnet20", 32), ("resnet56", 32), ("resnet110", 32), ("resnet18", 32), ("resnet18-imagenet", 64),
           ("mobilenetv2", 32), ("mobilenetv2-imagenet", 64)]
@@ -130,7 +130,7 @@ def test_latency_in_the_nhwc_layout_needs_image_inputs():
 
 
 def test_latency_compiled_reaches_the_timer_and_the_result(monkeypatch):
-    import camphive.pruning.structured as structured
+    import camphive.pruning.structured.prune as structured
     from camphive.measure import measure_latency
 
     seen = []

@@ -19,8 +19,8 @@ from camphive.curvature.eigen import top_eigenpairs
 from camphive.curvature.hvp import HessianOperator
 from camphive.curvature.reconstruction import layer_input_covariances
 from camphive.errors import NumericalError
-from camphive.pruning.output_scale import batchnorm_output_scale, normalizing_batchnorms
-from camphive.pruning.unit_curvature import LowRankLossCurvature, ReconstructionCurvature, unit_matrix
+from camphive.pruning.core.output_scale import batchnorm_output_scale, normalizing_batchnorms
+from camphive.pruning.core.unit_curvature import LowRankLossCurvature, ReconstructionCurvature, unit_matrix
 
 
 class CalibrationInfo:
@@ -182,7 +182,7 @@ class CalibrationInfo:
 
     def output_scale(self, name: str) -> torch.Tensor:
         """``(out_units,)``: the squared factor by which the BatchNorm reading this layer's output
-        scales each unit (ones where no BatchNorm does); see :mod:`camphive.pruning.output_scale`."""
+        scales each unit (ones where no BatchNorm does); see :mod:`camphive.pruning.core.output_scale`."""
         norms = self._timed("batchnorms", lambda: normalizing_batchnorms(
             self.model, self.batches[0][0].to(next(iter(self.params.values())).device), self.layer_names))
         weight = self.params[name]

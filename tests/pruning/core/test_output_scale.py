@@ -2,10 +2,10 @@
 import torch
 from torch import nn
 
-from camphive.pruning.calibration import CalibrationInfo
-from camphive.pruning.criteria import CampHive
-from camphive.pruning.output_scale import batchnorm_output_scale, normalizing_batchnorms
-from camphive.pruning.unit_curvature import unit_matrix
+from camphive.pruning.core.calibration import CalibrationInfo
+from camphive.pruning.criteria.base import CampHive
+from camphive.pruning.core.output_scale import batchnorm_output_scale, normalizing_batchnorms
+from camphive.pruning.core.unit_curvature import unit_matrix
 
 
 class Net(nn.Module):

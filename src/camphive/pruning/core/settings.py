@@ -24,9 +24,13 @@ def check_prune_settings(mode: str, criterion: str, sparsity=None, target_macs_r
     ``options``: the keyword options a user gives prune (score, merge, cycles, round_to, ...).
     Only what needs no model or data is checked here: names, types, choices and ranges.
     """
-    from camphive.pruning import (channel_budget, channel_merging, criteria, merging, pairing, pipeline, selection,
-                                  structured)
-    from camphive.pruning.channel_scores import ChannelScorer, canonical_criterion
+    from camphive.pruning import criteria
+    from camphive.pruning.structured import budget as channel_budget
+    from camphive.pruning.structured import merging as channel_merging
+    from camphive.pruning.structured import prune as structured
+    from camphive.pruning.unstructured import merging, pairing, selection
+    from camphive.pruning.unstructured import prune as pipeline
+    from camphive.pruning.structured.scores import ChannelScorer, canonical_criterion
 
     if mode not in ("unstructured", "structured"):
         raise ConfigError(f"unknown --mode {mode!r}; use unstructured or structured")

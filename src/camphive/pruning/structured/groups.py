@@ -22,7 +22,7 @@ from torch import nn
 
 from camphive.errors import ConfigError, one_line
 from camphive.layers import layer_list
-from camphive.measure import Inputs, eval_mode, inputs_on_model_device
+from camphive.modules import Inputs, eval_mode, inputs_on_model_device
 
 CONV_OR_LINEAR = (nn.modules.conv._ConvNd, nn.Linear)
 NORMS = (nn.modules.batchnorm._BatchNorm,)

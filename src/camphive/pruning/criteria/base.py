@@ -1,6 +1,6 @@
 """Importance criteria: each turns calibration information into per-weight scores.
 
-A criterion has one job: given a :class:`~camphive.pruning.calibration.CalibrationInfo`
+A criterion has one job: given a :class:`~camphive.pruning.core.calibration.CalibrationInfo`
 (which computes gradients, curvature and eigenpairs lazily, once per cycle), return
 ``{parameter name: scores shaped like the weight}``; higher means more important. The
 pruning pipeline does everything else, identically for every criterion, so comparisons
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from camphive.errors import ConfigError
-from camphive.pruning.unit_curvature import unit_matrix
+from camphive.pruning.core.unit_curvature import unit_matrix
 
 Scores = dict[str, torch.Tensor]
 
@@ -105,7 +105,7 @@ class CampHive(Criterion):
     diag(H) ~ A_rr G_jj), estimated per unit (``"unit"``) or per layer (``"layer"``), so that
     reconstruction errors of different layers are weighed by what they cost the loss;
     ``"batchnorm"`` multiplies them instead by (gamma_r / sigma_r)^2 of the BatchNorm that reads
-    the unit's output (see :mod:`camphive.pruning.output_scale`), 1 where none does.
+    the unit's output (see :mod:`camphive.pruning.core.output_scale`), 1 where none does.
     ``first_order_weight`` adds that multiple of |g_i w_i|.
     """
 

@@ -36,9 +36,9 @@ from torch import nn
 
 from camphive import distributed as dist_tools
 from camphive.errors import ConfigError
-from camphive.measure import eval_mode
-from camphive.pruning.channel_groups import ChannelGroup, GroupMember
-from camphive.pruning.pairing import cyclic_pairs
+from camphive.modules import eval_mode
+from camphive.pruning.structured.groups import ChannelGroup, GroupMember
+from camphive.pruning.unstructured.pairing import cyclic_pairs
 
 STRUCTURED_MERGES = ("least_squares", "pair", "none")
 STRUCTURED_PAIRINGS = ("cyclic", "coupled")
@@ -276,7 +276,7 @@ def fold_into_consumer(member: GroupMember, columns: torch.Tensor, removed: torc
 
 def norms_after(model: nn.Module) -> dict[str, nn.Module]:
     """``{conv name: BatchNorm}`` for every BatchNorm that reads only that conv's output."""
-    from camphive.export import conv_batchnorm_pairs
+    from camphive.conv_batchnorm import conv_batchnorm_pairs
 
     modules = dict(model.named_modules())
     return {conv_name: modules[norm_name] for conv_name, norm_name in conv_batchnorm_pairs(model)}

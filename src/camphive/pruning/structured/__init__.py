@@ -1,0 +1,1 @@
+"""Structured pruning: whole channels folded into kept ones and physically removed."""

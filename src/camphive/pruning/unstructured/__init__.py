@@ -1,0 +1,1 @@
+"""Unstructured pruning: single weights selected, merged into kept ones and masked."""
