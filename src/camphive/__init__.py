@@ -15,6 +15,7 @@ from camphive.errors import CamphiveError, CheckpointError, ConfigError, DataErr
 from camphive.export import export_onnx
 from camphive.measure import count_macs, count_parameters, measure_latency, measure_onnx_latency, model_summary
 from camphive.pruning import PruneResult, prune
+from camphive.sparse_format import load_sparse, save_sparse
 from camphive.training import evaluate, finetune, train
 
 __version__ = "0.1.0"
@@ -22,6 +23,6 @@ __version__ = "0.1.0"
 __all__ = [
     "data", "models", "curvature", "train", "finetune", "evaluate", "prune", "PruneResult", "export_onnx",
     "count_macs", "count_parameters", "measure_latency", "measure_onnx_latency", "model_summary", "save_checkpoint",
-    "load_checkpoint",
+    "load_checkpoint", "save_sparse", "load_sparse",
     "CamphiveError", "ConfigError", "DataError", "CheckpointError", "NumericalError",
 ]

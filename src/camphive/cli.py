@@ -250,26 +250,40 @@ def spectrum_command(
 @app.command("export")
 def export_command(
     checkpoint: Path = typer.Option(..., help="model.safetensors (dense or pruned)."),
-    onnx: Path = typer.Option(..., help="ONNX file to write."),
+    onnx: Optional[Path] = typer.Option(None, help="ONNX file to write (--format onnx)."),
+    sparse: Optional[Path] = typer.Option(None, help="Sparse file to write (--format sparse; default: "
+                                          "NAME.sparse.safetensors beside the checkpoint)."),
+    output_format: Optional[str] = typer.Option(None, "--format", help="onnx, or sparse: pruned weights as bitmask + "
+                                                "values (default: sparse when only --sparse is given, else onnx)."),
+    values_dtype: str = typer.Option("float32", help="--format sparse: dtype of the weights' values, float32 "
+                                     "(exact), float16 or bfloat16."),
     input_shape: Optional[str] = typer.Option(None, help="C,H,W (default: recorded in the checkpoint)."),
     fold_batchnorm: bool = typer.Option(True),
     opset: int = typer.Option(17),
     config: Optional[Path] = ConfigOption,
 ):
-    """Export to ONNX and check it in onnxruntime against torch."""
-    from camphive.jobs.export import export_job
+    """Export to ONNX and check it in onnxruntime against torch, or to a compressed sparse file."""
+    from camphive.jobs.export import export_job, export_sparse_job, export_target
 
+    output_format, target = export_target(checkpoint, output_format, onnx, sparse, values_dtype)
+    if output_format == "sparse":
+        result = export_sparse_job(checkpoint=checkpoint, sparse=target, values_dtype=values_dtype)
+        if result is not None:  # None under torchrun on processes other than rank 0
+            _echo_metrics(f"exported {checkpoint} -> {target}", {
+                "bytes": result["file_bytes"], "dense float32 checkpoint bytes": result["dense_bytes"],
+                "size / dense": result["ratio"], "max abs difference vs checkpoint": result["max_abs_diff"]})
+        return
     shape = None
     if input_shape:
         try:
             shape = tuple(int(part) for part in input_shape.split(","))
         except ValueError as error:
             raise ConfigError(f"--input-shape {input_shape!r} is not C,H,W integers, e.g. 3,32,32") from error
-    result = export_job(checkpoint=checkpoint, onnx=onnx, input_shape=shape, fold_batchnorm=fold_batchnorm, opset=opset)
+    result = export_job(checkpoint=checkpoint, onnx=target, input_shape=shape, fold_batchnorm=fold_batchnorm, opset=opset)
     if result is None:  # under torchrun, another process (rank 0) exported
         return
-    _echo_metrics(f"exported {checkpoint} -> {onnx}", {"max abs difference vs torch": result["max_abs_diff"],
-                                                      "bytes": result["file_size_bytes"]})
+    _echo_metrics(f"exported {checkpoint} -> {target}", {"max abs difference vs torch": result["max_abs_diff"],
+                                                        "bytes": result["file_size_bytes"]})
 
 
 @app.command("compare")

@@ -27,9 +27,11 @@ from camphive.pruning import prune
 from camphive.pruning.core.settings import check_prune_settings
 from camphive.pruning.structured.groups import resolve_ignored
 from camphive.runs import RunFolder, timestamp
+from camphive.sparse_format import RESERVED_KEYS, save_sparse
 from camphive.training import TrainState, evaluate, finetune
 
 CYCLE_FILE, PRUNED_FILE, STATE_FILE, PROGRESS_FILE = "cycle.safetensors", "pruned.safetensors", "finetune_state.pt", "progress.json"
+SPARSE_FILE = "model.sparse.safetensors"  # unstructured runs: the final model as bitmask + values
 
 
 def prune_job(
@@ -55,6 +57,10 @@ def prune_job(
     options: dict | None = None,
 ) -> dict:
     """Prune the model stored at ``checkpoint``; write ``model.safetensors`` (with masks) and ``results.json``.
+
+    Unstructured runs also write the final model compressed, ``model.sparse.safetensors``
+    (see :func:`camphive.save_sparse`); ``results["sparse_file"]`` has its size and the dense
+    float32 checkpoint's, in bytes.
 
     ``options`` go to :func:`camphive.prune` (score, curvature, pairing, merge, cycles, ...).
     ``dataset`` defaults to the one the checkpoint records, with the options it was made with.
@@ -133,13 +139,29 @@ def _run(run, stored, calib, calib_counts, test, settings, started, *, dataset, 
         finetuned = _finetune(model, masks, dataset, dataset_options, data_root, test, run, log, metadata, progress,
                               resume, epochs=finetune_epochs, lr=finetune_lr, batch_size=batch_size,
                               train_subset=train_subset, device=device, seed=seed)
+    sparse_file = None
+    if mode == "unstructured":
+        final = {**metadata, "pruning": progress["prune"]["config"]}
+        if finetune_epochs:
+            final["finetune_epochs"] = finetune_epochs
+        sparse_file = _save_sparse_file(run, log, model, masks, final)
     results = {"dense": progress["dense"], "pruned": progress["pruned"], "finetuned": finetuned,
-               "prune": progress["prune"], "checkpoint": str(run.file("model.safetensors")),
+               "prune": progress["prune"], "checkpoint": str(run.file("model.safetensors")), "sparse_file": sparse_file,
                "seconds": time.perf_counter() - started}
     run.write_json("results.json", results)
     run.close()
     distributed.barrier()  # every process returns once rank 0's files are complete
     return results
+
+
+def _save_sparse_file(run, log, model, masks, metadata) -> dict:
+    """Write the final model as bitmask + values beside its checkpoint; return its size and the dense size (bytes)."""
+    metadata = {key: value for key, value in metadata.items() if key not in RESERVED_KEYS}
+    written = save_sparse(model, run.file(SPARSE_FILE), masks=masks or None, metadata=metadata)
+    log.info("sparse file %s: %d bytes, dense float32 checkpoint %d bytes (%.1fx smaller)", SPARSE_FILE,
+             written.file_bytes, written.dense_bytes, 1 / written.ratio)
+    return {"path": str(written.path), "bytes": written.file_bytes, "dense_bytes": written.dense_bytes,
+            "values_dtype": written.values_dtype}
 
 
 def _prune(model, masks, calib, run, log, progress, metadata, resume, *, sparsity, mode, criterion,
