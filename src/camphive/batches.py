@@ -73,7 +73,3 @@ def take_batches(data, num_batches: int | None = None, batch_size: int = 128) ->
             raise DataError(f"batch {index} holds NaN or inf inputs; clean or drop those samples")
         checked.append((inputs, targets))
     return checked
-
-
-def count_samples(batches: Iterable[Batch]) -> int:
-    return sum(int(inputs.shape[0]) for inputs, _ in batches)

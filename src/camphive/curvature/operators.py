@@ -7,23 +7,12 @@ scipy view, so a new operator only writes ``_matvec``.
 """
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
-
 import numpy as np
 import torch
 
 from camphive.errors import ConfigError
 
 DENSE_LIMIT = 8192  # to_dense is for tests and tiny problems: dim^2 entries, dim products
-
-
-@runtime_checkable
-class CurvatureOperator(Protocol):
-    """What a solver needs: a symmetric map ``v -> Hv`` on vectors of length ``dim``."""
-
-    dim: int
-
-    def matvec(self, vector: torch.Tensor) -> torch.Tensor: ...
 
 
 def operator_dtype(operator) -> torch.dtype:

@@ -12,7 +12,6 @@ from torch.utils.data import Dataset
 from camphive.data.transforms import ToFloat
 from camphive.errors import ConfigError, DataError
 
-SPLITS = ("train", "test")
 _SPLIT_ALIASES = {"train": "train", "test": "test", "val": "test", "validation": "test"}
 
 

@@ -20,11 +20,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def set_threads(threads: int | None) -> None:
-    if threads:
-        torch.set_num_threads(threads)
-
-
 @dataclass
 class DataSplits:
     train: torch.utils.data.Dataset

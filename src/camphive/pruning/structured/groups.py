@@ -26,7 +26,6 @@ from camphive.modules import Inputs, eval_mode, inputs_on_model_device
 
 CONV_OR_LINEAR = (nn.modules.conv._ConvNd, nn.Linear)
 NORMS = (nn.modules.batchnorm._BatchNorm,)
-ROLES = ("producer", "depthwise", "consumer", "norm")
 
 
 @dataclass

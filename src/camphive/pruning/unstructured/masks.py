@@ -53,12 +53,6 @@ def mask_gradients(model: nn.Module, masks: Mapping[str, torch.Tensor] | None) -
             grad.mul_(mask.to(device=grad.device, dtype=grad.dtype))
 
 
-def masks_from_zeros(model: nn.Module, names) -> Masks:
-    """Masks that keep exactly the non-zero entries of the named parameters."""
-    parameters = dict(model.named_parameters())
-    return {name: parameters[name].detach() != 0 for name in names}
-
-
 def sparsity_of(masks: Mapping[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
     """Global and per-parameter fraction of pruned entries."""
     per_parameter = {name: 1.0 - mask.float().mean().item() for name, mask in masks.items()}

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import torch
 
-from camphive.errors import ConfigError
-
 MERGES = ("curvature", "half", "none", "least_squares")
 
 
@@ -151,8 +149,3 @@ def _solve_positive_definite(system: torch.Tensor, right: torch.Tensor) -> torch
     if failed.any():
         solution[failed] = torch.linalg.lstsq(system[failed], right[failed].unsqueeze(-1)).solution.squeeze(-1)
     return solution
-
-
-def check_merge(merge: str) -> None:
-    if merge not in MERGES:
-        raise ConfigError(f"unknown merge {merge!r}; use one of {', '.join(MERGES)}")
