@@ -39,7 +39,7 @@ from camphive import data, models  # noqa: E402
 from camphive.data.transforms import default_transform  # noqa: E402
 from camphive.export import export_onnx, fold_batchnorm  # noqa: E402
 from camphive.measure import count_macs, count_parameters, measure_latency, measure_onnx_latency  # noqa: E402
-from camphive.pruning.unstructured.prune import recalibrate_batchnorm  # noqa: E402
+from camphive.pruning.core.batchnorm import recalibrate_batchnorm  # noqa: E402
 from camphive.pruning.structured.prune import prune_structured  # noqa: E402
 from camphive.training import evaluate, finetune  # noqa: E402
 

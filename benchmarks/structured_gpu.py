@@ -37,7 +37,7 @@ from camphive.checkpoints import load_checkpoint, save_checkpoint  # noqa: E402
 from camphive.data.transforms import default_transform  # noqa: E402
 from camphive.export import fold_batchnorm  # noqa: E402
 from camphive.measure import count_macs, count_parameters, measure_latency  # noqa: E402
-from camphive.pruning.unstructured.prune import recalibrate_batchnorm  # noqa: E402
+from camphive.pruning.core.batchnorm import recalibrate_batchnorm  # noqa: E402
 from camphive.pruning.structured.prune import prune_structured  # noqa: E402
 from camphive.training import evaluate, finetune, train  # noqa: E402
 from structured import accuracy_verdicts  # noqa: E402

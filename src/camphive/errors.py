@@ -3,7 +3,8 @@
 Every problem a user can fix (a wrong path, name, shape or value) is raised as a
 :class:`CamphiveError` whose message is one line: what is wrong, the value seen, and the
 fix. The CLI prints that line and exits non-zero without a traceback; API callers can
-catch the class or its subclasses.
+catch the class, its subclasses, or the builtin each also derives from (``ValueError`` for
+settings, data and checkpoints; ``FloatingPointError`` for numerical failures).
 """
 from __future__ import annotations
 
@@ -18,12 +19,12 @@ class ConfigError(CamphiveError, ValueError):
     """An option, name or value is not valid."""
 
 
-class DataError(CamphiveError):
-    """A dataset is missing, malformed, or does not fit the model."""
+class DataError(CamphiveError, ValueError):
+    """A dataset is missing, malformed, or does not fit the model (a ``ValueError`` too)."""
 
 
-class CheckpointError(CamphiveError):
-    """A checkpoint cannot be read or does not fit what was asked."""
+class CheckpointError(CamphiveError, ValueError):
+    """A checkpoint cannot be read or does not fit what was asked (a ``ValueError`` too)."""
 
 
 class NumericalError(CamphiveError, FloatingPointError):

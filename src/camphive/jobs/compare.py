@@ -32,7 +32,7 @@ from camphive.jobs.compare_options import (Scalars, check_model, check_plan, che
                                            parse_options)
 from camphive.jobs.compare_report import write_reports
 from camphive.pruning import prune
-from camphive.pruning.core.settings import check_prune_settings
+from camphive.pruning.settings import check_prune_settings
 from camphive.report import METHOD
 from camphive.runs import RunFolder, atomic_write_text, timestamp
 from camphive.training import TrainState, evaluate, finetune, train
@@ -310,8 +310,9 @@ def _dense_spectrum(run: RunFolder, model, calib, top_k: int, max_iter: int, see
 
 def _prune_options(criterion, mode, target, target_kind, cycles, prune_options, camp_hive_options) -> dict:
     # The dense model's spectrum is measured once for all criteria (spectrum.json); the sharpness of every
-    # pruned model costs two eigen-solves per run, so it is measured only when asked (spectrum_top_k=1).
-    options = {"spectrum_top_k": 0, **prune_options}
+    # pruned model costs two eigen-solves per run, so it is measured only when asked (spectrum_top_k=1,
+    # unstructured; prune()'s default is 0).
+    options = dict(prune_options)
     if criterion == METHOD:
         options.update(camp_hive_options)
         if cycles:

@@ -85,17 +85,16 @@ def _split_top_level(text: str) -> list[str]:
 
 def check_plan(mode: str, criteria, sparsities, macs_ratios) -> tuple[list[str], list[float], str]:
     """Criteria (canonical names), targets and what the targets are, or one ConfigError line."""
-    from camphive.pruning.structured.scores import STRUCTURED_CRITERIA, canonical_criterion
-    from camphive.pruning.criteria.base import CRITERIA
+    from camphive.pruning.criteria import ALL_CRITERIA, WEIGHT_CRITERIA, canonical_name
 
     if mode not in ("unstructured", "structured"):
         raise ConfigError(f"unknown --mode {mode!r}; use unstructured or structured")
-    criteria = [canonical_criterion(name) for name in parse_list(criteria, str, "criteria")]
+    criteria = [canonical_name(name) for name in parse_list(criteria, str, "criteria")]
     if not criteria:
         raise ConfigError("--criteria is empty; name at least one, e.g. camp-hive,magnitude")
     if len(set(criteria)) != len(criteria):
         raise ConfigError(f"--criteria names a criterion twice: {','.join(criteria)}")
-    known = CRITERIA if mode == "unstructured" else STRUCTURED_CRITERIA
+    known = WEIGHT_CRITERIA if mode == "unstructured" else ALL_CRITERIA
     unknown = [name for name in criteria if name not in known]
     if unknown:
         raise ConfigError(f"criterion {unknown[0]!r} is not available for {mode} pruning; use {', '.join(known)}")

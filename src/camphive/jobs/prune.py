@@ -24,7 +24,7 @@ from camphive.errors import ConfigError
 from camphive.jobs.common import (calibration_batches, calibration_share, check_input_shape, checkpoint_dataset,
                                   machine_description, seed_everything)
 from camphive.pruning import prune
-from camphive.pruning.core.settings import check_prune_settings
+from camphive.pruning.settings import check_prune_settings
 from camphive.pruning.structured.groups import resolve_ignored
 from camphive.runs import RunFolder, timestamp
 from camphive.sparse_format import RESERVED_KEYS, save_sparse

@@ -9,7 +9,9 @@ from camphive.errors import ConfigError
 from camphive.measure import count_macs
 from camphive.pruning.structured.budget import MacsModel, round_kept, uniform_kept
 from camphive.pruning.structured.groups import build_dependency_graph, channel_groups, remove_channels, resolve_ignored
-from camphive.pruning.structured.scores import ChannelScorer, weight_scores_to_channels
+from camphive.pruning.core.calibration import CalibrationInfo
+from camphive.pruning.criteria import make_criterion
+from camphive.pruning.structured.groups import weight_scores_to_channels
 from camphive.pruning.structured.prune import prune_structured
 
 
@@ -97,7 +99,7 @@ def test_tp_magnitude_is_torch_pruning_group_importance():
     model = models.create("resnet20")
     _, groups = _groups(model, torch.randn(1, 3, 32, 32))
     group = next(iter(groups.values()))
-    ours = ChannelScorer("tp-magnitude").scores(model, [group], None, [])[0]
+    ours = make_criterion("tp-magnitude").channel_scores([group], CalibrationInfo(model, [], {}))[0]
     theirs = tp.importance.GroupMagnitudeImportance(p=2)(group.tp_group)
     assert torch.allclose(ours, theirs.double())
 
@@ -108,7 +110,7 @@ def test_tp_hessian_uses_mean_squared_sample_gradients():
     x, y = torch.randn(5, 3), torch.randint(0, 2, (5,))
     graph = build_dependency_graph(model, x[:1])
     (group,) = channel_groups(model, graph)
-    ours = ChannelScorer("tp-hessian").scores(model, [group], None, [(x, y)])[0]
+    ours = make_criterion("tp-hessian").channel_scores([group], CalibrationInfo(model, [(x, y)], {}))[0]
     assert all(p.grad is None for p in model.parameters())  # scoring leaves no gradients behind
     squares = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
     for i in range(5):  # the reference: per-sample gradients, one backward each

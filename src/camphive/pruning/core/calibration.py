@@ -35,6 +35,7 @@ class CalibrationInfo:
             "top_k": 8, "eigen_method": "lanczos", "eigen_tol": 1e-3, "eigen_max_iter": 100, "scope": "global",
             "hutchinson_probes": 16, "damping": 0.01, "loss_diagonal": "fisher", "seed": 0, **(settings or {}),
         }
+        self.grams: dict | None = None  # structured: the consumers' Grams of this cycle's channel groups
         self._cache: dict = {}
         self.num_hvps = 0
         self.seconds: dict[str, float] = {}

@@ -83,6 +83,10 @@ class ChannelGroup:
     def consumers(self) -> list[GroupMember]:
         return self.by_role("consumer")
 
+    def sum_weight_scores(self, weight_scores: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(size,)`` float64: each channel's per-weight scores summed over the group's conv/linear members."""
+        return weight_scores_to_channels(self, weight_scores)
+
 
 def resolve_ignored(model: nn.Module, ignored_layers: Iterable[str | nn.Module] | None) -> list[nn.Module]:
     """Modules whose output channels stay: the named modules and every module inside them."""
@@ -236,3 +240,20 @@ def per_output_channel(module: nn.Module, scores: torch.Tensor) -> torch.Tensor:
         grouped = scores.reshape(module.groups, in_channels // module.groups, out_per_group, -1)
         return grouped.sum((1, 3)).reshape(-1)
     return scores.flatten(1).sum(1)
+
+
+@torch.no_grad()
+def weight_scores_to_channels(group: ChannelGroup, weight_scores: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum the per-weight scores of each channel over the group's conv/linear members."""
+    total = torch.zeros(group.size, dtype=torch.float64)
+    for member in group.members:
+        scores = weight_scores.get(layer_weight_name(member))
+        if member.role == "norm" or scores is None:
+            continue
+        scores = scores.detach().double().cpu()
+        if member.role == "consumer":
+            values = per_input_channel(member.module, scores)[member.indices]
+        else:
+            values = per_output_channel(member.module, scores)[member.indices]
+        total.index_add_(0, member.root_indices, values)
+    return total

@@ -1,10 +1,11 @@
-"""The one pruning pipeline: CAMP-HiVe and every baseline go through it.
+"""Unstructured pruning: CAMP-HiVe and every weight criterion through the one cycle driver.
 
-Each cycle re-estimates curvature on the current (partly pruned) model, scores the weights
-still alive, selects the lowest-scoring ones up to the cycle's target sparsity, pairs each of
-them with a kept partner in its output unit, merges it (or folds it into all kept weights by
-least squares), and fixes the masks. Criteria differ only in their scores, so comparisons
-between them are fair by construction.
+Each cycle (:func:`camphive.pruning.core.driver.run_cycles`) re-estimates curvature on the
+current (partly pruned) model; this mode scores the weights still alive, selects the
+lowest-scoring ones up to the cycle's target sparsity, pairs each with a kept partner in its
+output unit and merges it (or folds it into all kept weights by least squares), and fixes the
+masks. Criteria differ only in their scores, so comparisons between them are fair by
+construction. The options are :class:`~camphive.pruning.unstructured.settings.UnstructuredSettings`.
 """
 from __future__ import annotations
 
@@ -17,212 +18,113 @@ from torch import nn
 from camphive.batches import take_batches
 from camphive.errors import ConfigError
 from camphive.layers import prunable_parameters
-from camphive.pruning.core.batchnorm import recalibrate_batchnorm
-from camphive.pruning.core.calibration import CalibrationInfo
-from camphive.pruning.core.checks import check_finite, check_model_runs, summary_without_layers
+from camphive.pruning.core.checks import check_model_runs, summary_without_layers
+from camphive.pruning.core.driver import CycleOutcome, PruningMode, check_finite, run_cycles
+from camphive.pruning.unstructured.recovery import recover
 from camphive.pruning.core.result import PruneResult
 from camphive.pruning.core.sharpness import top_loss_eigenvalues
-from camphive.pruning.criteria.base import make_criterion
-from camphive.pruning.unstructured.masks import apply_masks, check_masks, sparsity_of
-from camphive.pruning.unstructured.merging import MERGES, least_squares_merge, merge_into_partner, pair_merge
-from camphive.pruning.unstructured.pairing import PAIRINGS, make_pairs
-from camphive.pruning.unstructured.selection import check_sparsity, check_target_reachable, cycle_targets, select_to_prune
 from camphive.pruning.core.unit_curvature import unit_matrix
-
-# Chosen by measurement (benchmarks/unstructured.py, benchmarks/RESULTS.md).
-DEFAULTS = {
-    "score": "diagonal",
-    "curvature": "reconstruction",
-    "loss_weighting": "batchnorm",
-    "pairing": "coupled",
-    "merge": "least_squares",
-    "cycles": 3,
-    "recalibrate_bn": True,  # every criterion: BatchNorm statistics re-estimated after each cycle
-}
+from camphive.pruning.unstructured.masks import apply_masks, check_masks, sparsity_of
+from camphive.pruning.unstructured.merging import least_squares_merge, merge_into_partner, pair_merge
+from camphive.pruning.unstructured.pairing import make_pairs
+from camphive.pruning.unstructured.selection import check_target_reachable, cycle_targets, select_to_prune
+from camphive.pruning.settings import resolve_settings
+from camphive.pruning.unstructured.settings import UnstructuredSettings
 
 
-def prune(
-    model: nn.Module,
-    calib_data,
-    sparsity: float | None = None,
-    *,
-    mode: str = "unstructured",
-    criterion: str = "camp-hive",
-    score: str | None = None,
-    curvature: str | None = None,
-    loss_weighting: str | None = None,
-    scope: str = "global",
-    selection: str = "global",
-    cycles: int | None = None,
-    schedule: str = "linear",
-    top_k: int = 8,
-    pairing: str | None = None,
-    merge: str | None = None,
-    first_order_weight: float = 0.0,
-    recovery_steps: int = 0,
-    recovery_lr: float = 1e-3,
-    recalibrate_bn: bool | None = None,
-    min_keep: float | int = 0.01,
-    ignored_layers=None,
-    loss_fn=None,
-    num_batches: int | None = None,
-    damping: float = 0.01,
-    clip: float = 2.0,
-    eigen_method: str = "lanczos",
-    hutchinson_probes: int = 16,
-    loss_diagonal: str = "fisher",
-    masks: Mapping[str, torch.Tensor] | None = None,
-    example_inputs: torch.Tensor | None = None,
-    seed: int = 0,
-    spectrum_top_k: int = 1,
-    start_cycle: int = 0,
-    on_cycle_end=None,
-    **structured_options,
-) -> PruneResult:
-    """Prune ``model`` in place and return a :class:`PruneResult`.
+def prune_unstructured(model: nn.Module, calib_data, sparsity: float | None = None, *,
+                       settings: UnstructuredSettings | None = None, masks: Mapping[str, torch.Tensor] | None = None, loss_fn=None, example_inputs=None,
+                       start_cycle: int = 0, on_cycle_end=None, **options) -> PruneResult:
+    """Prune single weights of ``model`` in place; return a :class:`PruneResult` (``mode="unstructured"``).
 
-    ``calib_data``: calibration batches (a DataLoader, a Dataset or a list of ``(inputs,
-    targets)``); ``num_batches`` limits how many are read. ``sparsity``: fraction of the
-    prunable weights (conv and linear weights) to remove, in [0, 1).
-
-    CAMP-HiVe options (``criterion="camp-hive"``): ``score`` ("diagonal", "obs",
-    "diag_lowrank", "hv_product"), ``curvature`` ("reconstruction": each layer's input second
-    moment G; "loss": the loss Hessian's top-``top_k`` eigenpairs, global or per layer by
-    ``scope``), ``loss_weighting``, ``pairing`` ("cyclic", "coupled"), ``merge``
-    ("curvature", "half", "none", "least_squares"), ``cycles`` with a ``schedule``.
-    Baselines (``"magnitude"``, ``"random"``, ``"taylor"``, ``"obd"``, ``"hutchinson"``) share
-    everything but the scores; their ``merge`` defaults to "none" (plain pruning).
-    ``selection="global"`` compares scores over all layers, ``"layer"`` prunes each layer to
-    the target. Every layer keeps at least ``min_keep`` (a fraction, or a count if >= 1).
-    ``recalibrate_bn`` (default True, every criterion) re-estimates BatchNorm statistics on
-    the calibration batches after each cycle (averaged over processes under torchrun).
-
-    ``mode="structured"`` removes whole channels (see :mod:`camphive.pruning.structured.prune`).
-
-    ``spectrum_top_k``: the top loss-Hessian eigenvalues (by Lanczos, tolerance 1e-3) measured
-    before and after pruning for the report (sharpness); 0 skips them.
-
-    Interruptions: ``on_cycle_end(cycle, masks, record)`` is called after every completed
-    cycle (cycle counted from 1); a run stopped after cycle k continues exactly with
-    ``masks=<those masks>, start_cycle=k`` on the model saved at that point.
+    ``sparsity`` and the other keyword ``options`` (e.g. ``criterion="magnitude"``), or ``settings``:
+    see :class:`UnstructuredSettings`. ``calib_data``: calibration batches (a DataLoader, a Dataset
+    or a list of ``(inputs, targets)``). ``masks``: weights already pruned (True = kept), kept
+    pruned. ``on_cycle_end(cycle, masks, record)`` after every cycle; a run stopped after cycle k
+    continues exactly with ``masks=<those masks>, start_cycle=k`` on the model saved then.
     """
-    if cycles is not None and (isinstance(cycles, bool) or int(cycles) < 1):
-        raise ConfigError(f"cycles must be >= 1 (or None for the default), got {cycles}")
-    batches = take_batches(calib_data, num_batches)
+    settings = resolve_settings("unstructured", settings, options, sparsity)
+    batches = take_batches(calib_data, settings.num_batches)
     check_model_runs(model, batches)
-    if mode == "structured":
-        from camphive.pruning.structured.prune import check_structured_options, prune_structured
-
-        check_structured_options(structured_options)
-
-        if selection != "global" or min_keep != 0.01 or masks:
-            raise ConfigError("selection, min_keep and masks apply to unstructured pruning; for structured pruning use "
-                              "global_pruning, min_channels and ignored_layers")
-        weight_options = {key: value for key, value in (("score", score), ("curvature", curvature),
-                          ("loss_weighting", loss_weighting), ("first_order_weight", first_order_weight or None))
-                          if value is not None}
-        if weight_options:
-            structured_options["criterion_options"] = {**weight_options, **structured_options.get("criterion_options", {})}
-        return prune_structured(model, batches, sparsity, criterion=criterion, loss_fn=loss_fn, seed=seed,
-                                ignored_layers=ignored_layers, example_inputs=example_inputs,
-                                cycles=cycles or 1, merge=merge, pairing=pairing, damping=damping,
-                                recalibrate_bn=recalibrate_bn, **structured_options)
-    if mode != "unstructured":
-        raise ConfigError(f"unknown mode {mode!r}; use unstructured or structured")
-    if structured_options:
-        raise ConfigError(f"unknown option(s) for unstructured pruning: {', '.join(sorted(structured_options))}")
-    if sparsity is None:
-        raise ConfigError("sparsity is required for unstructured pruning, e.g. sparsity=0.9")
-    check_sparsity(sparsity)
     started = time.perf_counter()
-    is_camp_hive = criterion.replace("_", "-").lower() in ("camp-hive", "camphive")
-    merge = merge or (DEFAULTS["merge"] if is_camp_hive else "none")
-    pairing = pairing or DEFAULTS["pairing"]
-    cycles = cycles or (DEFAULTS["cycles"] if is_camp_hive else 1)
-    recalibrate_bn = DEFAULTS["recalibrate_bn"] if recalibrate_bn is None else bool(recalibrate_bn)
-    curvature = curvature or DEFAULTS["curvature"]
-    _check_choice("merge", merge, MERGES)
-    _check_choice("pairing", pairing, PAIRINGS)
-    _check_choice("curvature", curvature, ("reconstruction", "loss"))
-    _check_choice("scope", scope, ("global", "layer"))
-    score = score or DEFAULTS["score"]
-    if loss_weighting is None:  # the default weighting belongs to reconstruction scores only
-        reads_reconstruction = curvature == "reconstruction" and score in ("diagonal", "obs")
-        loss_weighting = DEFAULTS["loss_weighting"] if reads_reconstruction else "none"
-    options = {"score": score, "curvature": curvature, "loss_weighting": loss_weighting,
-               "first_order_weight": first_order_weight}
-    scorer = make_criterion(criterion, seed=seed, **(options if is_camp_hive else {}))
-
-    params = prunable_parameters(model, ignored_layers)
-    if not params:
-        raise ConfigError("the model has no prunable layers (conv or linear weights outside ignored_layers); nothing to prune")
-    if not 0 <= start_cycle <= cycles:
-        raise ConfigError(f"start_cycle {start_cycle} is outside the {cycles} cycles of this run")
-    if masks:
-        check_masks(model, masks)
-    alive = {name: (masks[name].clone().bool() if masks and name in masks else torch.ones_like(p, dtype=torch.bool))
-             for name, p in params.items()}
-    check_target_reachable(alive, sparsity, selection, min_keep)  # before any cycle, not half-way through
-    device = next(iter(params.values())).device
+    run = UnstructuredRun(model, settings, masks, start_cycle)
+    device = next(iter(run.params.values())).device
     example = (example_inputs if example_inputs is not None else batches[0][0][:1]).to(device)
     before = summary_without_layers(model, example)
-    check_finite(params, "before pruning")
-    settings = {"top_k": top_k, "scope": scope, "damping": damping, "eigen_method": eigen_method,
-                "hutchinson_probes": hutchinson_probes, "loss_diagonal": loss_diagonal, "seed": seed}
-    history, eigenvalues, num_hvps, curvature_seconds = [], {}, 0, 0.0
-    sharpness = {}
-    if spectrum_top_k:
-        sharpness["before"], hvps, seconds = top_loss_eigenvalues(model, batches, params, loss_fn, spectrum_top_k, seed)
-        num_hvps, curvature_seconds = num_hvps + hvps, curvature_seconds + seconds
-    for cycle, target in enumerate(cycle_targets(sparsity, cycles, schedule)):
-        if cycle < start_cycle:
-            continue
-        cycle_start = time.perf_counter()
-        info = CalibrationInfo(model, batches, params, loss_fn=loss_fn, cycle=cycle, settings=settings)
-        scores = scorer.scores(info)
-        pruned_now = select_to_prune(scores, alive, target, selection, min_keep)
-        prunes_any = any(bool(mask.any()) for mask in pruned_now.values())
-        view = info.unit_curvature(curvature) if merge in ("curvature", "least_squares") or pairing == "coupled" and merge != "none" else None
-        for name, parameter in params.items():
+    check_finite(model, "loading (before pruning)")
+    sharpness, hvps, seconds = {}, 0, 0.0
+    if settings.spectrum_top_k:
+        sharpness["before"], hvps, seconds = top_loss_eigenvalues(model, batches, run.params, loss_fn,
+                                                                  settings.spectrum_top_k, settings.seed)
+    history = run_cycles(model, batches, run, loss_fn=loss_fn, start_cycle=start_cycle, on_cycle_end=on_cycle_end)
+    if settings.spectrum_top_k:
+        sharpness["after"], more_hvps, more_seconds = top_loss_eigenvalues(model, batches, run.params, loss_fn,
+                                                                           settings.spectrum_top_k, settings.seed)
+        hvps, seconds = hvps + more_hvps, seconds + more_seconds
+    global_sparsity, layer_sparsity = sparsity_of(run.alive)
+    config = {**settings.to_dict(), **run.criterion.describe(), "num_batches": len(batches),
+              "num_samples": sum(int(x.shape[0]) for x, _ in batches)}
+    return PruneResult(mode="unstructured", masks=run.alive, sparsity=global_sparsity, layer_sparsity=layer_sparsity,
+                       before=before, after=summary_without_layers(model, example), eigenvalues=history.eigenvalues,
+                       num_hvps=history.num_hvps + hvps, curvature_seconds=history.curvature_seconds + seconds,
+                       seconds=time.perf_counter() - started, cycles=history.cycles, config=config,
+                       extra={"sharpness": sharpness})
+
+
+class UnstructuredRun(PruningMode):
+    """Masks of single weights: per cycle, score, select, merge into kept weights, mask."""
+
+    def __init__(self, model: nn.Module, settings: UnstructuredSettings, masks, start_cycle: int):
+        self.model, self.settings = model, settings
+        self.criterion = settings.criterion_object()
+        self.params = prunable_parameters(model, settings.ignored_layers)
+        if not self.params:
+            raise ConfigError("the model has no prunable layers (conv or linear weights outside ignored_layers); "
+                              "nothing to prune")
+        if not 0 <= start_cycle <= settings.cycles:
+            raise ConfigError(f"start_cycle {start_cycle} is outside the {settings.cycles} cycles of this run")
+        if masks:
+            check_masks(model, masks)
+        self.alive = {name: (masks[name].clone().bool() if masks and name in masks else torch.ones_like(p, dtype=torch.bool))
+                      for name, p in self.params.items()}
+        # before any cycle, not half-way through
+        check_target_reachable(self.alive, settings.sparsity, settings.selection, settings.min_keep)
+
+    def targets(self) -> list[float]:
+        return cycle_targets(self.settings.sparsity, self.settings.cycles, self.settings.schedule)
+
+    def calibrated_parameters(self) -> dict[str, nn.Parameter]:
+        return self.params
+
+    def run_cycle(self, cycle: int, target: float, info) -> CycleOutcome:
+        settings = self.settings
+        scores = self.criterion.scores(info)
+        pruned_now = select_to_prune(scores, self.alive, target, settings.selection, settings.min_keep)
+        changed = any(bool(mask.any()) for mask in pruned_now.values())
+        merge, pairing = settings.merge, settings.pairing
+        reads_curvature = merge in ("curvature", "least_squares") or pairing == "coupled" and merge != "none"
+        view = info.unit_curvature(settings.curvature) if reads_curvature and changed else None
+        for name, parameter in self.params.items():
             if pruned_now[name].any():
-                _merge_layer(unit_matrix(parameter.data), name, unit_matrix(pruned_now[name]),
-                             unit_matrix(alive[name] & ~pruned_now[name]), unit_matrix(scores[name].detach()),
-                             merge, pairing, view, clip)
-            alive[name] &= ~pruned_now[name]
-        apply_masks(model, alive)
-        check_finite(params, f"cycle {cycle + 1} merge")
-        if recovery_steps and prunes_any:  # a cycle that removes nothing leaves the model exactly as it was
-            _recover(model, batches, alive, recovery_steps, recovery_lr, loss_fn)
-        if recalibrate_bn and prunes_any:
-            recalibrate_batchnorm(model, batches, reduce_over_processes=True)  # batches: this process's share
-        report = info.report()
-        info.close()
-        num_hvps += report["num_hvps"]
-        curvature_seconds += sum(report["seconds"].values())
-        eigenvalues = report["eigenvalues"] or eigenvalues
-        history.append({"cycle": cycle + 1, "target": target, "sparsity": sparsity_of(alive)[0],
-                        "seconds": time.perf_counter() - cycle_start, **report})
-        if on_cycle_end is not None:
-            on_cycle_end(cycle + 1, {name: mask.clone() for name, mask in alive.items()}, history[-1])
-    if spectrum_top_k:
-        sharpness["after"], hvps, seconds = top_loss_eigenvalues(model, batches, params, loss_fn, spectrum_top_k, seed)
-        num_hvps, curvature_seconds = num_hvps + hvps, curvature_seconds + seconds
-    global_sparsity, layer_sparsity = sparsity_of(alive)
-    config = {"mode": mode, "criterion": criterion, **scorer.describe(), "sparsity": sparsity, "scope": scope,
-              "selection": selection, "cycles": cycles, "schedule": schedule, "top_k": top_k, "pairing": pairing,
-              "merge": merge, "recovery_steps": recovery_steps, "recalibrate_bn": bool(recalibrate_bn), "min_keep": min_keep,
-              "damping": damping, "clip": clip, "eigen_method": eigen_method, "hutchinson_probes": hutchinson_probes,
-              "loss_diagonal": loss_diagonal, "num_batches": len(batches),
-              "num_samples": sum(int(x.shape[0]) for x, _ in batches), "spectrum_top_k": spectrum_top_k, "seed": seed}
-    return PruneResult(mode=mode, masks=alive, sparsity=global_sparsity, layer_sparsity=layer_sparsity,
-                       before=before, after=summary_without_layers(model, example), eigenvalues=eigenvalues, num_hvps=num_hvps,
-                       curvature_seconds=curvature_seconds, seconds=time.perf_counter() - started,
-                       cycles=history, config=config, extra={"sharpness": sharpness})
+                merge_layer(unit_matrix(parameter.data), name, unit_matrix(pruned_now[name]),
+                            unit_matrix(self.alive[name] & ~pruned_now[name]), unit_matrix(scores[name].detach()),
+                            merge, pairing, view, settings.clip)
+            self.alive[name] &= ~pruned_now[name]
+        apply_masks(self.model, self.alive)
+        if settings.recovery_steps and changed:  # a cycle that removes nothing leaves the model exactly as it was
+            recover(self.model, info.batches, self.alive, settings.recovery_steps, settings.recovery_lr, info.loss_fn)
+        return CycleOutcome(changed, {"target": target, "sparsity": sparsity_of(self.alive)[0]})
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {name: mask.clone() for name, mask in self.alive.items()}
 
 
 @torch.no_grad()
-def _merge_layer(matrix, name, pruned_now, kept, significance, merge, pairing, view, clip) -> None:
-    """Merge the weights pruned now into kept partners of their unit, then zero them (in place)."""
+def merge_layer(matrix, name, pruned_now, kept, significance, merge, pairing, view, clip) -> None:
+    """Merge the weights pruned now into kept partners of their unit, then zero them (in place).
+
+    ``matrix``: the weight as ``(out_units, fan_in)``; ``pruned_now``/``kept``: bool, same shape.
+    """
     if merge == "none":
         matrix[pruned_now] = 0
     elif merge == "least_squares":
@@ -234,18 +136,3 @@ def _merge_layer(matrix, name, pruned_now, kept, significance, merge, pairing, v
             matrix[pruned_now] = 0
         else:
             pair_merge(matrix, view, name, pruned_now, rows, pruned_cols, partners, clip)
-
-
-def _recover(model, batches, masks, steps, lr, loss_fn) -> None:
-    """A few masked SGD steps on the calibration batches between cycles."""
-    from camphive.training import train
-
-    steps = min(steps, len(batches)) if steps else 0
-    if steps:
-        train(model, batches[:steps], epochs=1, lr=lr, masks=masks, loss_fn=loss_fn, schedule="constant",
-              device=next(model.parameters()).device, weight_decay=0.0)
-
-
-def _check_choice(option: str, value, choices) -> None:
-    if value not in choices:
-        raise ConfigError(f"unknown {option} {value!r}; use one of {', '.join(choices)}")

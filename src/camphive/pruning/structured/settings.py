@@ -1,0 +1,91 @@
+"""Settings of structured pruning (whole channels removed), checked on construction."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from camphive.errors import ConfigError
+from camphive.pruning.core.settings import PruneSettings, check_choice
+from camphive.pruning.criteria import Criterion, canonical_name, is_camp_hive, make_criterion
+from camphive.pruning.criteria.camp_hive import CHANNEL_SCORES
+from camphive.pruning.structured.budget import check_targets
+from camphive.pruning.structured.merging import BETA_SOURCES, FLATTEN_FITS, STRUCTURED_MERGES, STRUCTURED_PAIRINGS
+
+# Defaults for CAMP-HiVe (baselines default to plain removal, merge="none"), chosen by measurement
+# (benchmarks/structured.py, benchmarks/RESULTS.md, docs/method.md).
+DEFAULTS = {"channel_score": "greedy_obs", "merge": "least_squares", "pairing": "coupled", "beta_from": "activations",
+            "flatten_fit": "shared", "intercept": False, "recalibrate_bn": True, "cycles": 1}
+
+
+@dataclass(frozen=True)
+class StructuredSettings(PruneSettings):
+    """Structured pruning. Targets (exactly one): ``sparsity``, the fraction of each group's
+    channels to remove (of all prunable channels with ``global_pruning``), or
+    ``target_macs_ratio`` (2.0 = half the MACs), reached linearly over ``cycles``.
+
+    ``round_to`` rounds kept channel counts to multiples (8 helps CPU kernels); every group
+    keeps at least ``min_channels`` (a count, or a fraction if < 1). ``channel_score``
+    (CAMP-HiVe): "greedy_obs", "obs" or "summed". ``merge``: "least_squares" (``intercept``
+    adds a constant to the fit), "pair" (``pairing`` coupled|cyclic, ``beta_from``
+    activations|weights) or "none"; ``flatten_fit`` (shared|per_position) for linear layers
+    after a flatten. ``measure_latency`` times the model before and after at
+    ``latency_batch_sizes`` (``latency_threads``, about ``latency_seconds`` per size; NHWC with
+    ``latency_channels_last``; compiled by torch.compile with ``latency_compiled``).
+    """
+
+    sparsity: float | None = None
+    target_macs_ratio: float | None = None
+    global_pruning: bool = False
+    round_to: int | None = None
+    min_channels: int | float = 1
+    channel_score: str | None = None
+    beta_from: str | None = None
+    flatten_fit: str | None = None
+    intercept: bool | None = None
+    measure_latency: bool = True
+    latency_batch_sizes: tuple = (1, 64)
+    latency_threads: int | None = None
+    latency_seconds: float = 1.0
+    latency_channels_last: bool = False
+    latency_compiled: bool = False
+
+    mode = "structured"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_targets(self.sparsity, self.target_macs_ratio)
+        if self.round_to is not None and self.round_to < 1:
+            raise ConfigError(f"round_to must be a positive channel count such as 8, got {self.round_to}")
+        if not self.min_channels > 0:
+            raise ConfigError(f"min_channels must be > 0 (a count, or a fraction below 1), got {self.min_channels}")
+        camp_hive = is_camp_hive(self.criterion)
+        canonical_name(self.criterion)  # an unknown name fails here
+        self._set("channel_score", self.channel_score or (DEFAULTS["channel_score"] if camp_hive else "summed"))
+        self._set("merge", self.merge or (DEFAULTS["merge"] if camp_hive else "none"))
+        self._set("cycles", self.cycles or DEFAULTS["cycles"])
+        for option in ("pairing", "beta_from", "flatten_fit", "intercept"):
+            if getattr(self, option) is None:
+                self._set(option, DEFAULTS[option])
+        for option, choices in (("merge", STRUCTURED_MERGES), ("pairing", STRUCTURED_PAIRINGS),
+                                ("beta_from", BETA_SOURCES), ("flatten_fit", FLATTEN_FITS),
+                                ("channel_score", CHANNEL_SCORES)):
+            check_choice(option, getattr(self, option), choices, " for structured pruning")
+        if self.channel_score != "summed" and not camp_hive:
+            raise ConfigError(f"channel_score={self.channel_score!r} belongs to criterion camp-hive; drop it for "
+                              f"{canonical_name(self.criterion)}")
+        if self.channel_score != "summed" and self.weight_options():
+            raise ConfigError(f"criterion camp-hive (channel_score {self.channel_score}) takes no weight-score "
+                              f"options, got {sorted(self.weight_options())}; they apply with channel_score='summed'")
+        self.criterion_object()
+
+    def weight_options(self) -> dict:
+        """The weight-score options the user set (CAMP-HiVe with channel_score='summed')."""
+        return {key: getattr(self, key) for key in ("score", "curvature", "loss_weighting", "first_order_weight")
+                if getattr(self, key)}
+
+    def criterion_object(self) -> Criterion:
+        if isinstance(self.criterion, Criterion):
+            return self.criterion
+        if is_camp_hive(self.criterion):
+            return make_criterion("camp-hive", seed=self.seed, channel_score=self.channel_score,
+                                  **self.weight_options())
+        return make_criterion(self.criterion, seed=self.seed)

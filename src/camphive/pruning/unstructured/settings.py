@@ -1,0 +1,104 @@
+"""Settings of unstructured pruning (single weights masked), checked on construction."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from camphive.curvature.eigen import EIGEN_METHODS
+from camphive.errors import ConfigError
+from camphive.pruning.core.settings import PruneSettings, check_choice
+from camphive.pruning.criteria import WEIGHT_CRITERIA, Criterion, canonical_name, is_camp_hive, make_criterion
+from camphive.pruning.criteria.camp_hive import CAMP_HIVE_SCORES
+from camphive.pruning.unstructured.merging import MERGES
+from camphive.pruning.unstructured.pairing import PAIRINGS
+from camphive.pruning.unstructured.selection import SCHEDULES, SELECTIONS, check_sparsity, keep_floor
+
+# Chosen by measurement (benchmarks/unstructured.py, benchmarks/RESULTS.md, docs/method.md).
+DEFAULTS = {
+    "score": "diagonal",
+    "curvature": "reconstruction",
+    "loss_weighting": "batchnorm",
+    "pairing": "coupled",
+    "merge": "least_squares",
+    "cycles": 3,
+    "recalibrate_bn": True,  # every criterion: BatchNorm statistics re-estimated after each cycle
+}
+
+
+@dataclass(frozen=True)
+class UnstructuredSettings(PruneSettings):
+    """Unstructured pruning: ``sparsity`` (fraction of the prunable weights removed, in [0, 1)).
+
+    ``selection``: "global" compares scores over all layers, "layer" prunes each layer to the
+    target; every layer keeps at least ``min_keep`` (a fraction, or a count if >= 1).
+    ``schedule``: how the target grows over the cycles (linear, cubic, constant). Loss-Hessian
+    options (``curvature="loss"`` or the scores diag_lowrank / hv_product): ``top_k``
+    eigenpairs by ``eigen_method``, per ``scope`` (global or layer); ``hutchinson_probes``;
+    ``loss_diagonal`` (fisher or hutchinson) for ``loss_weighting`` unit/layer.
+    ``clip``: bound of pair-merge coefficients. ``recovery_steps`` masked SGD steps at
+    ``recovery_lr`` after each cycle. ``spectrum_top_k``: top loss-Hessian eigenvalues measured
+    before and after pruning for a sharpness report (0, the default, skips it: it costs Hessian-
+    vector products over the whole calibration set, often more than the pruning).
+    """
+
+    sparsity: float | None = None
+    scope: str = "global"
+    selection: str = "global"
+    schedule: str = "linear"
+    top_k: int = 8
+    min_keep: float | int = 0.01
+    clip: float = 2.0
+    recovery_steps: int = 0
+    recovery_lr: float = 1e-3
+    eigen_method: str = "lanczos"
+    hutchinson_probes: int = 16
+    loss_diagonal: str = "fisher"
+    spectrum_top_k: int = 0
+
+    mode = "unstructured"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sparsity is None:
+            raise ConfigError("sparsity is required for unstructured pruning, e.g. sparsity=0.9")
+        check_sparsity(self.sparsity)
+        keep_floor(1, self.min_keep)
+        if not isinstance(self.criterion, Criterion) and canonical_name(self.criterion) not in WEIGHT_CRITERIA:
+            raise ConfigError(f"criterion {self.criterion!r} scores channel groups only; use mode='structured' or "
+                              f"one of {', '.join(WEIGHT_CRITERIA)}")
+        if isinstance(self.criterion, Criterion) and not self.criterion.scores_weights():
+            raise ConfigError(f"criterion {self.criterion.name!r} has no per-weight scores (scores(info)); "
+                              "use it with mode='structured' or implement scores")
+        camp_hive = is_camp_hive(self.criterion)
+        explicit = [key for key in ("score", "curvature", "loss_weighting") if getattr(self, key) is not None]
+        if isinstance(self.criterion, Criterion) and (explicit or self.first_order_weight):
+            raise ConfigError(f"options {', '.join(explicit or ['first_order_weight'])} configure criterion camp-hive; "
+                              f"set them on your {type(self.criterion).__name__} instance instead")
+        self._set("merge", self.merge or (DEFAULTS["merge"] if camp_hive else "none"))
+        self._set("pairing", self.pairing or DEFAULTS["pairing"])
+        self._set("cycles", self.cycles or (DEFAULTS["cycles"] if camp_hive else 1))
+        self._set("curvature", self.curvature or DEFAULTS["curvature"])
+        self._set("score", self.score or DEFAULTS["score"])
+        if self.loss_weighting is None:  # the default weighting belongs to reconstruction scores only
+            reads_reconstruction = self.curvature == "reconstruction" and self.score in ("diagonal", "obs")
+            self._set("loss_weighting", DEFAULTS["loss_weighting"] if reads_reconstruction else "none")
+        for option, choices in (("merge", MERGES), ("pairing", PAIRINGS), ("curvature", ("reconstruction", "loss")),
+                                ("scope", ("global", "layer")), ("selection", SELECTIONS), ("schedule", SCHEDULES),
+                                ("score", CAMP_HIVE_SCORES), ("eigen_method", EIGEN_METHODS),
+                                ("loss_diagonal", ("fisher", "hutchinson"))):
+            check_choice(option, getattr(self, option), choices)
+        for option in ("top_k", "hutchinson_probes"):
+            if getattr(self, option) < 1:
+                raise ConfigError(f"{option} must be >= 1, got {getattr(self, option)}")
+        for option in ("recovery_steps", "spectrum_top_k"):
+            if getattr(self, option) < 0:
+                raise ConfigError(f"{option} must be >= 0, got {getattr(self, option)}")
+        self.criterion_object()  # the criterion's own options are checked now, not in the first cycle
+
+    def weight_options(self) -> dict:
+        return {"score": self.score, "curvature": self.curvature, "loss_weighting": self.loss_weighting,
+                "first_order_weight": self.first_order_weight}
+
+    def criterion_object(self) -> Criterion:
+        """The criterion this run scores with (CAMP-HiVe configured by the weight-score options)."""
+        options = self.weight_options() if is_camp_hive(self.criterion) else {}
+        return make_criterion(self.criterion, seed=self.seed, **options)
