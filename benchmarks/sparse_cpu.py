@@ -115,7 +115,27 @@ def csr_table(rows: list[dict]) -> str:
         lines.append(f"| {row['layer']} | {row['batch']} | {row['sparsity']} | {row['threads']} | "
                      f"{row['dense_ms']:.3f} | {row['csr_ms']:.3f} | {row['dense_ms'] / row['csr_ms']:.2f}x |")
     worst = max(row["max_abs_diff"] for row in rows)
-    return "\n".join(lines) + f"\n\nLargest |dense - CSR| output difference over all rows: {worst:.2e}."
+    return ("\n".join(lines) + f"\n\nLargest |dense - CSR| output difference over all rows: {worst:.2e}.\n\n"
+            + summary(rows))
+
+
+def summary(rows: list[dict]) -> str:
+    """Where CSR won on one thread, and how many multi-thread rows a busy machine spoiled."""
+    single = {(row["layer"], row["batch"], row["sparsity"]): row for row in rows if row["threads"] == 1}
+    lines = []
+    for sparsity in SPARSITIES:
+        chosen = [row for key, row in single.items() if key[2] == sparsity]
+        slower = [f"{row['layer']} batch {row['batch']} ({row['dense_ms'] / row['csr_ms']:.2f}x)"
+                  for row in chosen if row["csr_ms"] >= row["dense_ms"]]
+        lines.append(f"- one thread, sparsity {sparsity}: CSR faster in {len(chosen) - len(slower)} of {len(chosen)} "
+                     f"rows" + (f"; not faster: {', '.join(slower)}" if slower else ""))
+    multi = [row for row in rows if row["threads"] > 1 and (row["layer"], row["batch"], row["sparsity"]) in single]
+    spoiled = [row for row in multi if max(row["dense_ms"], row["csr_ms"]) > 3 * max(
+        single[(row["layer"], row["batch"], row["sparsity"])]["dense_ms"], 1e-9)]
+    if multi:
+        lines.append(f"- {len(spoiled)} of {len(multi)} multi-thread rows took over 3x the 1-thread dense time: "
+                     "other processes held the cores, so those rows measure the machine, not the kernels")
+    return "\n".join(lines)
 
 
 def size_rows(sparsity: float) -> list[dict]:
@@ -158,6 +178,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
     sections = set(args.sections.split(","))
+    threads = torch.get_num_threads()
     if "sizes" in sections:
         torch.set_num_threads(1)
         body = (f"Untrained models pruned by magnitude to {args.sparsity} on four random batches of 32 (global "
@@ -167,6 +188,7 @@ def main(argv=None) -> None:
     if "csr" in sections:
         load_before = os.getloadavg()[0]
         rows = csr_rows(args.samples, tuple(int(count) for count in args.threads.split(",")))
+        torch.set_num_threads(threads)  # the machine line names the default, not the last count timed
         load_after = os.getloadavg()[0]
         body = (f"Medians of {args.samples} interleaved samples (milliseconds per call); speed-up = dense / CSR, "
                 f"above 1 when CSR is faster. Load average {load_before:.2f} before, {load_after:.2f} after.\n\n"

@@ -345,7 +345,7 @@ class MixedNet(nn.Module):
         self.spatial = nn.Conv2d(96, 96, 3, padding=1)  # 3x3: not converted
         self.big = nn.Linear(96 * 4 * 4, 1024)  # converted at 0.97
         self.half_pruned = nn.Linear(1024, 1024)  # sparsity 0.5: not converted
-        self.small = nn.Linear(1024, 10, bias=False)  # 0.99 sparse but smaller than anything measured
+        self.small = nn.Linear(1024, 512, bias=False)  # 0.99 sparse, but 512x512 measured slower at batch 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.spatial(self.strided(torch.relu(self.pointwise(x))))

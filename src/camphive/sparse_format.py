@@ -332,10 +332,10 @@ def _first_line(error: BaseException) -> str:
 
 
 # Where torch's CSR product measured faster than dense (benchmarks/sparse_cpu.py, one CPU thread): linears from
-# 512x512 and 1x1 convolutions from 96x576 weights at sparsity 0.95 and above (level to 12.7x faster; at 0.9 some
-# were slower). Smaller layers were not measured.
+# 1024x1024 and 1x1 convolutions from 96x576 weights at sparsity 0.95 and above (1.1x to 12.7x faster). A 512x512
+# linear at batch 1 and some layers at 0.9 were slower; smaller layers were not measured.
 CSR_MIN_SPARSITY = 0.95
-CSR_MIN_WEIGHTS = {nn.Linear: 512 * 512, nn.Conv2d: 96 * 576}
+CSR_MIN_WEIGHTS = {nn.Linear: 1024 * 1024, nn.Conv2d: 96 * 576}
 
 
 class CSRLinear(nn.Module):
