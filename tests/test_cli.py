@@ -148,3 +148,77 @@ def test_evaluate_and_prune_load_the_synthetic_data_the_checkpoint_was_trained_o
         error = capsys.readouterr().err
         assert error.count("\n") == 1 and "inputs of shape 3x32x32 but checkpoint" in error and "made for 3x16x16" in error
     assert not (tmp_path / "p3").exists()
+
+
+def _help_at_80_columns(command: str) -> str:
+    import re
+
+    from typer.testing import CliRunner
+
+    from camphive.cli import app
+
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+    assert result.exit_code == 0, result.output
+    return re.sub(r"\x1b\[[0-9;]*m", "", result.output)  # colours, where the environment forces them
+
+
+@pytest.mark.parametrize("command, panels", [
+    ("prune", {"Pruning", "CAMP-HiVe", "Structured", "Latency (structured)", "Data", "Fine-tuning", "Output"}),
+    ("compare", {"Data", "Pruning", "Training (dense and fine-tuning)", "Dense training", "Fine-tuning",
+                 "Latency (structured)", "Spectrum", "Output"}),
+])
+def test_help_in_80_columns_shows_every_option_name_whole_in_panels(command, panels):
+    import re
+
+    import typer
+
+    from camphive.cli import app
+
+    text = _help_at_80_columns(command)
+    params = typer.main.get_command(app).commands[command].params
+    names = [name for param in params for name in (*param.opts, *param.secondary_opts)]
+    assert len(names) > 30
+    cut = [name for name in names if not re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text)]
+    assert not cut, f"option names cut or missing in {command} --help at 80 columns: {cut}\n{text}"
+    assert "…" not in text, text  # no name, default or word shortened
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert {param.rich_help_panel for param in params} - {None} == panels
+    for panel in panels:
+        assert re.search(rf"╭─ {re.escape(panel)} ─", text), f"panel {panel!r} missing\n{text}"
+
+
+def test_switches_declared_as_two_options_resolve_like_one(tmp_path, monkeypatch, capsys):
+    from camphive.cli import main
+    from camphive.jobs import compare, prune
+
+    calls = []
+
+    def fake_prune_job(**kwargs):
+        calls.append(kwargs["options"])
+        return {"dense": {"accuracy": 1.0}, "pruned": {"accuracy": 1.0}, "prune": {"sparsity": 0.5}, "finetuned": None}
+
+    monkeypatch.setattr(prune, "prune_job", fake_prune_job)
+    command = ["prune", "--checkpoint", str(tmp_path / "m.safetensors"), "--sparsity", "0.5"]
+    assert main(command) == 0
+    assert not {"recalibrate_bn", "global_pruning", "latency_channels_last", "latency_compiled"} & set(calls[-1])
+    assert main([*command, "--no-recalibrate-bn", "--global-pruning", "--latency-compiled"]) == 0
+    assert calls[-1]["recalibrate_bn"] is False and calls[-1]["global_pruning"] is True
+    assert calls[-1]["latency_compiled"] is True
+    config = tmp_path / "c.yaml"
+    config.write_text("latency-channels-last: true\nno_global_pruning: true\n")
+    assert main([*command, "--config", str(config), "--no-latency-channels-last", "--global-pruning"]) == 0
+    assert calls[-1]["latency_channels_last"] is False and calls[-1]["global_pruning"] is True  # command line wins
+    assert main([*command, "--config", str(config)]) == 0
+    assert calls[-1]["latency_channels_last"] is True and calls[-1]["global_pruning"] is False
+    capsys.readouterr()
+    assert main([*command, "--latency-compiled", "--no-latency-compiled"]) == 2
+    assert "--latency-compiled and --no-latency-compiled contradict" in capsys.readouterr().err
+
+    compared = []
+    monkeypatch.setattr(compare, "compare_job",
+                        lambda **kwargs: compared.append(kwargs) or {"headline": "", "seconds": 0.0})
+    assert main(["compare", "--out", str(tmp_path / "c")]) == 0
+    assert compared[-1]["latency"] is True and compared[-1]["latency_channels_last"] is False
+    assert compared[-1]["latency_compiled"] is False and not any(key.startswith("no_") for key in compared[-1])
+    assert main(["compare", "--out", str(tmp_path / "c"), "--no-latency", "--latency-channels-last"]) == 0
+    assert compared[-1]["latency"] is False and compared[-1]["latency_channels_last"] is True
