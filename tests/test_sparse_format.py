@@ -292,6 +292,9 @@ def test_cli_export_sparse_writes_the_file_and_reports_its_size(tmp_path, capsys
     assert main(["export", "--checkpoint", str(checkpoint), "--sparse", str(tmp_path / "half.safetensors"),
                  "--values-dtype", "float16"]) == 0  # --sparse alone implies the format
     assert (tmp_path / "half.safetensors").stat().st_size < target.stat().st_size
+    (tmp_path / "export.yaml").write_text(f"format: sparse\nsparse: {tmp_path / 'config.safetensors'}\n")
+    assert main(["export", "--checkpoint", str(checkpoint), "--config", str(tmp_path / "export.yaml")]) == 0
+    assert (tmp_path / "config.safetensors").read_bytes() == target.read_bytes()  # the same file, from a config
 
 
 @pytest.mark.parametrize("args, fragment", [
