@@ -150,49 +150,121 @@ def _options(**values) -> dict:
     return {key: value for key, value in values.items() if value is not None}
 
 
+# Help panels of the prune and compare commands. An on/off switch whose --NAME/--no-NAME pair would not fit
+# whole in an 80-column terminal (the option table cuts names rather than wrap them) is declared as two
+# options, one row each, joined by _switch.
+PRUNING_PANEL = "Pruning"
+CAMP_HIVE_PANEL = "CAMP-HiVe"
+STRUCTURED_PANEL = "Structured"
+LATENCY_PANEL = "Latency (structured)"
+DATA_PANEL = "Data"
+TRAINING_PANEL = "Training (dense and fine-tuning)"
+DENSE_PANEL = "Dense training"
+FINETUNE_PANEL = "Fine-tuning"
+SPECTRUM_PANEL = "Spectrum"
+OUTPUT_PANEL = "Output"
+
+
+def _switch(ctx: typer.Context, name: str, on: Optional[bool], off: bool) -> Optional[bool]:
+    """The value of the switch ``name`` declared as the options --NAME (``on``) and --no-NAME (``off``).
+
+    None when neither is set. When both are set, the one given on the command line wins over the
+    one a config file gave; both on the command line contradict each other.
+    """
+    if not off:
+        return on
+    if not on:
+        return False
+    on_command_line = [getattr(ctx.get_parameter_source(key), "name", None) == "COMMANDLINE"
+                       for key in (name, f"no_{name}")]
+    if on_command_line[0] == on_command_line[1]:
+        option = name.replace("_", "-")
+        raise ConfigError(f"--{option} and --no-{option} contradict each other; give one of them")
+    return on_command_line[0]
+
+
 @app.command("prune")
 def prune_command(
+    ctx: typer.Context,
     checkpoint: Path = typer.Option(..., help="model.safetensors to prune (from camphive train)."),
-    out: Path = typer.Option(Path("runs/prune"), help="Run folder to write."),
-    sparsity: Optional[float] = typer.Option(None, help="Fraction of weights (unstructured) or channels to remove."),
-    mode: str = typer.Option("unstructured", help="unstructured (masks) or structured (channels removed)."),
-    criterion: str = typer.Option("camp-hive", help="camp-hive, magnitude, random, taylor, obd, hutchinson."),
-    target_macs_ratio: Optional[float] = typer.Option(None, help="Structured: MACs reduction to reach, e.g. 2.0."),
-    score: Optional[str] = typer.Option(None, help="camp-hive score: diagonal, obs, diag_lowrank, hv_product."),
-    curvature: Optional[str] = typer.Option(None, help="reconstruction (layer G) or loss (Hessian eigenpairs)."),
-    loss_weighting: Optional[str] = typer.Option(None, help="batchnorm (default), none, unit or layer."),
-    pairing: Optional[str] = typer.Option(None, help="cyclic or coupled."),
-    merge: Optional[str] = typer.Option(None, help="curvature, half, none or least_squares."),
-    cycles: Optional[int] = typer.Option(None, min=1),
-    schedule: Optional[str] = typer.Option(None, help="linear, cubic or constant."),
-    selection: Optional[str] = typer.Option(None, help="global or layer thresholds."),
-    scope: Optional[str] = typer.Option(None, help="Loss Hessian: global or layer blocks."),
-    top_k: Optional[int] = typer.Option(None, min=1, help="Loss-Hessian eigenpairs."),
-    min_keep: Optional[float] = typer.Option(None, help="Per-layer floor: fraction (<1) or count."),
-    damping: Optional[float] = typer.Option(None),
-    recalibrate_bn: Optional[bool] = typer.Option(None, help="Re-estimate BatchNorm statistics on the calibration "
-                                                  "images after each cycle (default: on)."),
-    ignored_layers: Optional[str] = typer.Option(None, help="Comma-separated module names to leave unpruned."),
-    round_to: Optional[int] = typer.Option(None, min=1, help="Structured: keep channel counts in multiples of N "
-                                           "(8 runs faster on CPUs)."),
-    global_pruning: Optional[bool] = typer.Option(None, help="Structured: rank channels across layers (default: "
-                                                  "the same fraction of every layer)."),
-    min_channels: Optional[float] = typer.Option(None, help="Structured: channels every layer keeps (count, or "
-                                                 "fraction if < 1)."),
-    latency_channels_last: Optional[bool] = typer.Option(None, help="Structured: time the models in the NHWC "
-                                                         "layout (usually faster on CPUs)."),
-    latency_compiled: Optional[bool] = typer.Option(None, help="Structured: time the models compiled by "
-                                                    "torch.compile (adds compile time; needs a C++ compiler)."),
-    dataset: Optional[str] = typer.Option(None, help="Default: the dataset recorded in the checkpoint."),
-    data_root: Optional[str] = typer.Option(None),
-    calib_samples: int = typer.Option(1024, min=1, help="Calibration images drawn from the training split."),
-    finetune_epochs: int = typer.Option(0, min=0),
-    finetune_lr: float = typer.Option(0.01),
-    train_subset: Optional[int] = typer.Option(None, help="Fine-tune on N random training samples."),
+    sparsity: Optional[float] = typer.Option(None, help="Fraction of the weights (unstructured) or channels "
+                                             "(structured) to remove.", rich_help_panel=PRUNING_PANEL),
+    target_macs_ratio: Optional[float] = typer.Option(None, help="Structured: MACs reduction to reach instead of "
+                                                      "a sparsity, e.g. 2.0.", rich_help_panel=PRUNING_PANEL),
+    mode: str = typer.Option("unstructured", help="unstructured (masks) or structured (channels removed).",
+                             rich_help_panel=PRUNING_PANEL),
+    criterion: str = typer.Option("camp-hive", help="camp-hive, magnitude, random, taylor, obd, hutchinson; "
+                                  "structured also tp-magnitude, tp-taylor, tp-hessian.",
+                                  rich_help_panel=PRUNING_PANEL),
+    cycles: Optional[int] = typer.Option(None, min=1, help="Pruning rounds, curvature re-estimated in each "
+                                         "(default: 3 for camp-hive unstructured, else 1).",
+                                         rich_help_panel=PRUNING_PANEL),
+    schedule: Optional[str] = typer.Option(None, help="How the target grows over the cycles: linear, cubic or "
+                                           "constant (default: linear).", rich_help_panel=PRUNING_PANEL),
+    selection: Optional[str] = typer.Option(None, help="global or layer thresholds (default: global).",
+                                            rich_help_panel=PRUNING_PANEL),
+    min_keep: Optional[float] = typer.Option(None, help="Weights every layer keeps: a fraction (< 1) or a count "
+                                             "(default: 0.01).", rich_help_panel=PRUNING_PANEL),
+    ignored_layers: Optional[str] = typer.Option(None, help="Comma-separated module names to leave unpruned.",
+                                                 rich_help_panel=PRUNING_PANEL),
+    recalibrate_bn: Optional[bool] = typer.Option(None, "--recalibrate-bn", help="Re-estimate BatchNorm statistics "
+                                                  "on the calibration images after each cycle (default).",
+                                                  rich_help_panel=PRUNING_PANEL),
+    no_recalibrate_bn: bool = typer.Option(False, "--no-recalibrate-bn", help="Keep the BatchNorm statistics.",
+                                           rich_help_panel=PRUNING_PANEL),
+    score: Optional[str] = typer.Option(None, help="Weight score: diagonal, obs, diag_lowrank or hv_product "
+                                        "(default: diagonal).", rich_help_panel=CAMP_HIVE_PANEL),
+    curvature: Optional[str] = typer.Option(None, help="reconstruction (layer Gram) or loss (Hessian eigenpairs) "
+                                            "(default: reconstruction).", rich_help_panel=CAMP_HIVE_PANEL),
+    loss_weighting: Optional[str] = typer.Option(None, help="none, unit, layer or batchnorm (default: batchnorm "
+                                                 "for reconstruction diagonal/obs scores, else none).",
+                                                 rich_help_panel=CAMP_HIVE_PANEL),
+    scope: Optional[str] = typer.Option(None, help="Loss Hessian: global or layer blocks (default: global).",
+                                        rich_help_panel=CAMP_HIVE_PANEL),
+    top_k: Optional[int] = typer.Option(None, min=1, help="Loss-Hessian eigenpairs (default: 8).",
+                                        rich_help_panel=CAMP_HIVE_PANEL),
+    damping: Optional[float] = typer.Option(None, help="Curvature damping, a fraction of the mean diagonal "
+                                            "(default: 0.01).", rich_help_panel=CAMP_HIVE_PANEL),
+    pairing: Optional[str] = typer.Option(None, help="cyclic or coupled (default: coupled).",
+                                          rich_help_panel=CAMP_HIVE_PANEL),
+    merge: Optional[str] = typer.Option(None, help="Unstructured: curvature, half, none or least_squares; "
+                                        "structured: least_squares, pair or none (default: least_squares for "
+                                        "camp-hive, none for baselines).", rich_help_panel=CAMP_HIVE_PANEL),
+    round_to: Optional[int] = typer.Option(None, min=1, help="Keep channel counts in multiples of N; 8 runs "
+                                           "faster on CPUs (default: no rounding).", rich_help_panel=STRUCTURED_PANEL),
+    global_pruning: Optional[bool] = typer.Option(None, "--global-pruning", help="Rank channels across layers.",
+                                                  rich_help_panel=STRUCTURED_PANEL),
+    no_global_pruning: bool = typer.Option(False, "--no-global-pruning", help="Remove the same fraction of every "
+                                           "layer (default).", rich_help_panel=STRUCTURED_PANEL),
+    min_channels: Optional[float] = typer.Option(None, help="Channels every layer keeps: a count, or a fraction "
+                                                 "if < 1 (default: 1).", rich_help_panel=STRUCTURED_PANEL),
+    latency_channels_last: Optional[bool] = typer.Option(None, "--latency-channels-last", help="Time the models "
+                                                         "in the NHWC layout (usually faster on CPUs).",
+                                                         rich_help_panel=LATENCY_PANEL),
+    no_latency_channels_last: bool = typer.Option(False, "--no-latency-channels-last", help="Time them in the "
+                                                  "NCHW layout (default).", rich_help_panel=LATENCY_PANEL),
+    latency_compiled: Optional[bool] = typer.Option(None, "--latency-compiled", help="Time the models compiled "
+                                                    "by torch.compile (adds compile time; needs a C++ compiler).",
+                                                    rich_help_panel=LATENCY_PANEL),
+    no_latency_compiled: bool = typer.Option(False, "--no-latency-compiled", help="Time them uncompiled "
+                                             "(default).", rich_help_panel=LATENCY_PANEL),
+    dataset: Optional[str] = typer.Option(None, help="Default: the dataset recorded in the checkpoint.",
+                                          rich_help_panel=DATA_PANEL),
+    data_root: Optional[str] = typer.Option(None, help="Dataset folder (default: the dataset's usual place).",
+                                            rich_help_panel=DATA_PANEL),
+    calib_samples: int = typer.Option(1024, min=1, help="Calibration images drawn from the training split.",
+                                      rich_help_panel=DATA_PANEL),
+    finetune_epochs: int = typer.Option(0, min=0, help="Fine-tuning epochs after pruning.",
+                                        rich_help_panel=FINETUNE_PANEL),
+    finetune_lr: float = typer.Option(0.01, help="Fine-tuning learning rate.", rich_help_panel=FINETUNE_PANEL),
+    train_subset: Optional[int] = typer.Option(None, help="Fine-tune on N random training samples (default: all).",
+                                               rich_help_panel=FINETUNE_PANEL),
+    out: Path = typer.Option(Path("runs/prune"), help="Run folder to write.", rich_help_panel=OUTPUT_PANEL),
+    overwrite: bool = typer.Option(False, help="Replace an existing run folder.", rich_help_panel=OUTPUT_PANEL),
+    resume: bool = typer.Option(False, help="Continue the stopped run in --out (after its last saved cycle or "
+                                "epoch).", rich_help_panel=OUTPUT_PANEL),
     device: str = DeviceOption,
-    seed: int = typer.Option(0),
-    overwrite: bool = typer.Option(False),
-    resume: bool = typer.Option(False, help="Continue the stopped run in --out (after its last saved cycle or epoch)."),
+    seed: int = typer.Option(0, help="Seed of every random choice."),
     config: Optional[Path] = ConfigOption,
 ):
     """Prune a checkpoint with CAMP-HiVe (or a baseline), optionally fine-tune, write the pruned checkpoint."""
@@ -202,10 +274,14 @@ def prune_command(
     ignored = None if ignored_layers is None else parse_list(ignored_layers, str, "ignored-layers")
     options = _options(score=score, curvature=curvature, loss_weighting=loss_weighting, pairing=pairing,
                        merge=merge, cycles=cycles, schedule=schedule, selection=selection, scope=scope,
-                       top_k=top_k, min_keep=min_keep, damping=damping, recalibrate_bn=recalibrate_bn,
-                       ignored_layers=ignored, round_to=round_to, global_pruning=global_pruning,
-                       min_channels=min_channels, latency_channels_last=latency_channels_last,
-                       latency_compiled=latency_compiled)
+                       top_k=top_k, min_keep=min_keep, damping=damping,
+                       recalibrate_bn=_switch(ctx, "recalibrate_bn", recalibrate_bn, no_recalibrate_bn),
+                       ignored_layers=ignored, round_to=round_to,
+                       global_pruning=_switch(ctx, "global_pruning", global_pruning, no_global_pruning),
+                       min_channels=min_channels,
+                       latency_channels_last=_switch(ctx, "latency_channels_last", latency_channels_last,
+                                                     no_latency_channels_last),
+                       latency_compiled=_switch(ctx, "latency_compiled", latency_compiled, no_latency_compiled))
     results = prune_job(checkpoint=checkpoint, out=out, sparsity=sparsity, mode=mode, criterion=criterion,
                         target_macs_ratio=target_macs_ratio, dataset=dataset, data_root=data_root,
                         calib_samples=calib_samples, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
@@ -289,57 +365,93 @@ def export_command(
 @app.command("compare")
 def compare_command(
     ctx: typer.Context,
-    model: str = typer.Option("small-cnn", help="Architecture to train when no --checkpoint is given."),
+    model: str = typer.Option("small-cnn", help="Architecture to train when no --checkpoint is given.",
+                              rich_help_panel=DATA_PANEL),
+    checkpoint: Optional[Path] = typer.Option(None, help="Dense model.safetensors to start from (default: train "
+                                              "one).", rich_help_panel=DATA_PANEL),
     dataset: Optional[str] = typer.Option(None, help="fashion-mnist (default), cifar10, cifar100, imagenet or "
-                                          "synthetic; with --checkpoint, the one it records."),
-    data_root: Optional[str] = typer.Option(None),
-    dataset_options: Optional[str] = typer.Option(None, help="key=value,... e.g. num_classes=100,shape=3x32x32 (synthetic)."),
-    checkpoint: Optional[Path] = typer.Option(None, help="Dense model.safetensors to start from (default: train one)."),
-    out: Path = typer.Option(Path("runs/compare"), help="Run folder to write."),
-    criteria: str = typer.Option("camp-hive,magnitude,taylor,obd,hutchinson,random", help="Comma-separated criteria."),
-    sparsities: str = typer.Option("0.5,0.8,0.9", help="Comma-separated sparsities (weights, or channels if structured)."),
-    mode: str = typer.Option("unstructured", help="unstructured (masks) or structured (channels removed)."),
-    macs_ratios: Optional[str] = typer.Option(None, help="Structured: MACs reductions instead of sparsities, e.g. 1.5,2,3."),
-    cycles: Optional[int] = typer.Option(None, min=1, help="CAMP-HiVe pruning cycles."),
-    prune_options: Optional[str] = typer.Option(None, help="key=value,... for every criterion (see camphive.prune)."),
-    camp_hive_options: Optional[str] = typer.Option(None, help="key=value,... for CAMP-HiVe only (score, merge, ...)."),
-    calib_samples: int = typer.Option(1024, min=1),
-    calib_batch_size: int = typer.Option(128, min=1),
-    dense_epochs: int = typer.Option(10, min=0, help="Dense training epochs (without --checkpoint)."),
-    dense_lr: float = typer.Option(0.1),
-    dense_schedule: str = typer.Option("cosine", help="cosine, step or constant."),
-    dense_warmup_epochs: float = typer.Option(0.0),
-    momentum: float = typer.Option(0.9),
-    nesterov: bool = typer.Option(True),
-    weight_decay: float = typer.Option(5e-4),
-    label_smoothing: float = typer.Option(0.0),
-    finetune_epochs: int = typer.Option(1, min=0),
-    finetune_lr: float = typer.Option(0.01),
-    finetune_schedule: str = typer.Option("cosine"),
-    batch_size: int = typer.Option(128, min=1),
-    train_subset: Optional[int] = typer.Option(None, help="Dense training and fine-tuning on N random samples."),
-    finetune_subset: Optional[int] = typer.Option(None, help="Fine-tuning alone on N random samples."),
-    test_subset: Optional[int] = typer.Option(None),
-    num_workers: int = typer.Option(0, min=0),
-    spectrum_top_k: int = typer.Option(3, min=0, help="Dense Hessian eigenvalues to report (0: skip)."),
-    spectrum_max_iter: int = typer.Option(50, min=1),
-    latency: bool = typer.Option(True, help="Structured: time dense and pruned models (CPU, interleaved)."),
-    latency_batch_sizes: str = typer.Option("1,64"),
-    latency_seconds: float = typer.Option(1.0),
-    latency_channels_last: bool = typer.Option(False, help="Structured: time in the NHWC layout (usually faster on CPUs)."),
-    latency_compiled: bool = typer.Option(False, help="Structured: time the models compiled by torch.compile."),
+                                          "synthetic; with --checkpoint, the one it records.",
+                                          rich_help_panel=DATA_PANEL),
+    data_root: Optional[str] = typer.Option(None, help="Dataset folder (default: the dataset's usual place).",
+                                            rich_help_panel=DATA_PANEL),
+    dataset_options: Optional[str] = typer.Option(None, help="key=value,... e.g. num_classes=100,shape=3x32x32 "
+                                                  "(synthetic).", rich_help_panel=DATA_PANEL),
+    calib_samples: int = typer.Option(1024, min=1, help="Calibration images drawn from the training split.",
+                                      rich_help_panel=DATA_PANEL),
+    calib_batch_size: int = typer.Option(128, min=1, rich_help_panel=DATA_PANEL),
+    test_subset: Optional[int] = typer.Option(None, help="Evaluate on the first N test samples (default: all).",
+                                              rich_help_panel=DATA_PANEL),
+    num_workers: int = typer.Option(0, min=0, help="DataLoader worker processes.", rich_help_panel=DATA_PANEL),
+    criteria: str = typer.Option("camp-hive,magnitude,taylor,obd,hutchinson,random", show_default=False,
+                                 help="Comma-separated criteria (default: camp-hive, magnitude, taylor, obd, "
+                                 "hutchinson, random).", rich_help_panel=PRUNING_PANEL),
+    sparsities: str = typer.Option("0.5,0.8,0.9", help="Comma-separated sparsities (weights, or channels if "
+                                   "structured).", rich_help_panel=PRUNING_PANEL),
+    mode: str = typer.Option("unstructured", help="unstructured (masks) or structured (channels removed).",
+                             rich_help_panel=PRUNING_PANEL),
+    macs_ratios: Optional[str] = typer.Option(None, help="Structured: MACs reductions instead of sparsities, e.g. "
+                                              "1.5,2,3.", rich_help_panel=PRUNING_PANEL),
+    cycles: Optional[int] = typer.Option(None, min=1, help="CAMP-HiVe pruning cycles (default: 3 unstructured, "
+                                         "1 structured).", rich_help_panel=PRUNING_PANEL),
+    prune_options: Optional[str] = typer.Option(None, help="key=value,... for every criterion (see camphive.prune), "
+                                                "e.g. spectrum_top_k=1 for the pruned models' sharpness.",
+                                                rich_help_panel=PRUNING_PANEL),
+    camp_hive_options: Optional[str] = typer.Option(None, help="key=value,... for CAMP-HiVe only (score, merge, "
+                                                    "...).", rich_help_panel=PRUNING_PANEL),
+    batch_size: int = typer.Option(128, min=1, rich_help_panel=TRAINING_PANEL),
+    momentum: float = typer.Option(0.9, rich_help_panel=TRAINING_PANEL),
+    nesterov: bool = typer.Option(True, rich_help_panel=TRAINING_PANEL),
+    weight_decay: float = typer.Option(5e-4, rich_help_panel=TRAINING_PANEL),
+    label_smoothing: float = typer.Option(0.0, rich_help_panel=TRAINING_PANEL),
+    train_subset: Optional[int] = typer.Option(None, help="Dense training and fine-tuning on N random samples "
+                                               "(default: all).", rich_help_panel=TRAINING_PANEL),
+    amp: bool = typer.Option(False, help="bfloat16 autocast on CUDA.", rich_help_panel=TRAINING_PANEL),
+    dense_epochs: int = typer.Option(10, min=0, help="Dense training epochs (without --checkpoint).",
+                                     rich_help_panel=DENSE_PANEL),
+    dense_lr: float = typer.Option(0.1, rich_help_panel=DENSE_PANEL),
+    dense_schedule: str = typer.Option("cosine", help="cosine, step or constant.", rich_help_panel=DENSE_PANEL),
+    dense_warmup_epochs: float = typer.Option(0.0, rich_help_panel=DENSE_PANEL),
+    finetune_epochs: int = typer.Option(1, min=0, help="Fine-tuning epochs after pruning.",
+                                        rich_help_panel=FINETUNE_PANEL),
+    finetune_lr: float = typer.Option(0.01, rich_help_panel=FINETUNE_PANEL),
+    finetune_schedule: str = typer.Option("cosine", help="cosine, step or constant.", rich_help_panel=FINETUNE_PANEL),
+    finetune_subset: Optional[int] = typer.Option(None, help="Fine-tuning alone on N random samples (default: "
+                                                  "all).", rich_help_panel=FINETUNE_PANEL),
+    latency: Optional[bool] = typer.Option(None, "--latency", help="Time dense and pruned models (CPU, "
+                                           "interleaved; default).", rich_help_panel=LATENCY_PANEL),
+    no_latency: bool = typer.Option(False, "--no-latency", help="Skip the timing.", rich_help_panel=LATENCY_PANEL),
+    latency_batch_sizes: str = typer.Option("1,64", help="Comma-separated batch sizes to time.",
+                                            rich_help_panel=LATENCY_PANEL),
+    latency_seconds: float = typer.Option(1.0, help="About this long per batch size.", rich_help_panel=LATENCY_PANEL),
+    latency_channels_last: Optional[bool] = typer.Option(None, "--latency-channels-last", help="Time in the NHWC "
+                                                         "layout (usually faster on CPUs).",
+                                                         rich_help_panel=LATENCY_PANEL),
+    no_latency_channels_last: bool = typer.Option(False, "--no-latency-channels-last", help="Time in the NCHW "
+                                                  "layout (default).", rich_help_panel=LATENCY_PANEL),
+    latency_compiled: Optional[bool] = typer.Option(None, "--latency-compiled", help="Time the models compiled by "
+                                                    "torch.compile.", rich_help_panel=LATENCY_PANEL),
+    no_latency_compiled: bool = typer.Option(False, "--no-latency-compiled", help="Time them uncompiled "
+                                             "(default).", rich_help_panel=LATENCY_PANEL),
+    spectrum_top_k: int = typer.Option(3, min=0, help="Top loss-Hessian eigenvalues of the dense model to report "
+                                       "(0: skip).", rich_help_panel=SPECTRUM_PANEL),
+    spectrum_max_iter: int = typer.Option(50, min=1, help="Eigen-solver iterations.", rich_help_panel=SPECTRUM_PANEL),
+    out: Path = typer.Option(Path("runs/compare"), help="Run folder to write.", rich_help_panel=OUTPUT_PANEL),
+    overwrite: bool = typer.Option(False, help="Replace an existing run folder.", rich_help_panel=OUTPUT_PANEL),
+    resume: bool = typer.Option(False, help="Continue a stopped compare run in --out (same settings).",
+                                rich_help_panel=OUTPUT_PANEL),
+    tensorboard: bool = typer.Option(False, help="Also write TensorBoard scalars (needs the tensorboard package).",
+                                     rich_help_panel=OUTPUT_PANEL),
     device: str = DeviceOption,
-    amp: bool = typer.Option(False, help="bfloat16 autocast on CUDA for training and fine-tuning."),
-    seed: int = typer.Option(0),
-    overwrite: bool = typer.Option(False),
-    resume: bool = typer.Option(False, help="Continue a stopped compare run in --out (same settings)."),
-    tensorboard: bool = typer.Option(False, help="Also write TensorBoard scalars (needs the tensorboard package)."),
+    seed: int = typer.Option(0, help="Seed of every random choice."),
     config: Optional[Path] = ConfigOption,
 ):
     """Every criterion from the same dense model, calibration data, seed and fine-tuning; JSON, CSV, Markdown, HTML."""
     from camphive.jobs.compare import compare_job
 
     options = {key: value for key, value in locals().items() if key not in ("ctx", "config", "compare_job")}
+    for name, default in (("latency", True), ("latency_channels_last", False), ("latency_compiled", False)):
+        value = _switch(ctx, name, options[name], options.pop(f"no_{name}"))
+        options[name] = default if value is None else value
     results = compare_job(**options, config_file=ctx.meta.get("config_file"))
     print(results["headline"])
     print(f"report: {Path(out) / 'report.html'} ({results['seconds']:.0f} s)")
