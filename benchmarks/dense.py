@@ -9,11 +9,10 @@ section to benchmarks/RESULTS.md unless --no-write.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-
 from common import publish, test_batches
+
 from camphive import data, models
 from camphive.measure import count_macs, count_parameters
 from camphive.training import EpochRecord, train

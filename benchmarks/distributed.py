@@ -126,7 +126,7 @@ def main() -> None:
     base = statistics.median(run["steady_s"] for run in runs[CONFIGS[0][0]])
     base_uncached = statistics.median(run["uncached_s"] for run in runs[CONFIGS[0][0]])
     rows = []
-    for label, processes, threads in CONFIGS:
+    for label, _processes, _threads in CONFIGS:
         group = runs[label]
         steady = statistics.median(run["steady_s"] for run in group)
         uncached = statistics.median(run["uncached_s"] for run in group)

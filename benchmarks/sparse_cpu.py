@@ -27,9 +27,8 @@ import time
 import warnings
 
 os.environ.setdefault("CAMPHIVE_CACHE", "/tmp/camphive-cache")
-from common import publish  # noqa: E402  (puts src/ on the path)
-
 import torch  # noqa: E402
+from common import publish  # noqa: E402  (puts src/ on the path)
 from torch import nn  # noqa: E402
 
 import camphive  # noqa: E402

@@ -31,9 +31,8 @@ import tempfile
 import time
 
 os.environ.setdefault("CAMPHIVE_CACHE", "/tmp/camphive-cache")
-from common import append_results, dense_model, keep_freed_memory  # noqa: E402  (puts src/ on the path)
-
 import torch  # noqa: E402
+from common import append_results, dense_model, keep_freed_memory  # noqa: E402  (puts src/ on the path)
 
 from camphive import data, models  # noqa: E402
 from camphive.data.transforms import default_transform  # noqa: E402

@@ -20,9 +20,8 @@ import random
 import time
 from collections import defaultdict
 
-from common import append_results, keep_freed_memory  # noqa: E402  (puts src/ on the path)
-
 import torch  # noqa: E402
+from common import append_results, keep_freed_memory  # noqa: E402  (puts src/ on the path)
 
 from camphive import models  # noqa: E402
 from camphive.export import fold_batchnorm  # noqa: E402

@@ -22,15 +22,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import time
 import traceback
 from pathlib import Path
 
-from common import append_results, keep_freed_memory, machine  # noqa: E402  (puts src/ on the path)
-
 import torch  # noqa: E402
+from common import append_results, keep_freed_memory, machine  # noqa: E402  (puts src/ on the path)
+from structured import accuracy_verdicts  # noqa: E402
 
 from camphive import data, models  # noqa: E402
 from camphive.checkpoints import load_checkpoint, save_checkpoint  # noqa: E402
@@ -40,7 +39,6 @@ from camphive.measure import count_macs, count_parameters, measure_latency  # no
 from camphive.pruning.core.batchnorm import recalibrate_batchnorm  # noqa: E402
 from camphive.pruning.structured.prune import prune_structured  # noqa: E402
 from camphive.training import evaluate, finetune, train  # noqa: E402
-from structured import accuracy_verdicts  # noqa: E402
 
 STARTED = time.perf_counter()
 

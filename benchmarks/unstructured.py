@@ -15,8 +15,7 @@ import json
 import time
 
 import torch
-
-from common import ROOT, accuracy, append_results, cache_dir, dense_model, test_batches
+from common import accuracy, append_results, cache_dir, dense_model, test_batches
 
 from camphive import data
 from camphive.pruning import prune

@@ -113,7 +113,6 @@ def test_structured_prune_from_the_command_line_rounds_channels_and_ignores_laye
 def test_evaluate_and_prune_load_the_synthetic_data_the_checkpoint_was_trained_on(tmp_path, capsys):
     from camphive.cli import main
     from camphive.jobs.prune import prune_job
-    from camphive.jobs.train import train_job
 
     assert main(["train", "--dataset", "synthetic", "--dataset-options", "num_classes=20,shape=3x16x16,num_samples=64",
                  "--epochs", "1", "--batch-size", "32", "--out", str(tmp_path / "t"), "--device", "cpu"]) == 0

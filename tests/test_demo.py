@@ -6,7 +6,6 @@ import torch
 
 from camphive.checkpoints import load_checkpoint
 from camphive.jobs.demo import demo_job
-
 from tests.data.official_formats import random_idx_data, write_idx_split
 
 

@@ -16,7 +16,6 @@ import torch.multiprocessing as mp
 
 from camphive import distributed
 from camphive.pruning import prune
-
 from tests.pruning.cases import image_batches, tiny_cnn
 
 WORLD = 2

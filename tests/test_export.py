@@ -9,8 +9,8 @@ from torch import nn
 import camphive.export as export_module
 from camphive import models
 from camphive.checkpoints import save_checkpoint
-from camphive.errors import CamphiveError, ConfigError
 from camphive.conv_batchnorm import conv_batchnorm_pairs
+from camphive.errors import CamphiveError, ConfigError
 from camphive.export import ExampleInputsError, export_onnx, fold_batchnorm
 from camphive.jobs.export import export_job
 

@@ -5,8 +5,16 @@ import csv
 import pytest
 
 from camphive import report_html
-from camphive.report import (accuracy_panels, best_by_target, display_name, headline, layer_sparsity_plot,
-                             markdown_table, scalar_columns, write_csv)
+from camphive.report import (
+    accuracy_panels,
+    best_by_target,
+    display_name,
+    headline,
+    layer_sparsity_plot,
+    markdown_table,
+    scalar_columns,
+    write_csv,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

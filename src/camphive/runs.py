@@ -25,7 +25,6 @@ import yaml
 
 from camphive.errors import CamphiveError, ConfigError
 
-
 LOG_FILE = "log.txt"
 
 

@@ -121,7 +121,7 @@ def _seed_epoch(data, seed: int, epoch: int, rank: int = 0) -> None:
         sampler.set_epoch(epoch)
 
 
-def train(
+def train(  # noqa: C901 - the training loop with DDP, AMP, resume and masks; split next
     model: nn.Module,
     train_data,
     epochs: int,

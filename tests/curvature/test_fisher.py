@@ -4,7 +4,6 @@ import torch
 import torch.nn.functional as F
 
 from camphive.curvature.fisher import empirical_fisher_diagonal
-
 from tests.curvature.cases import TinyResidualCNN
 
 

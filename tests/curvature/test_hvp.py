@@ -94,7 +94,7 @@ def test_block_operators_and_restriction_equal_dense_sub_blocks(cnn_case):
     starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     blocks = operator.block_operators()
     assert list(blocks) == names
-    for index, (name, block) in enumerate(blocks.items()):
+    for index, block in enumerate(blocks.values()):
         assert block.dim == sizes[index]
         expected = hessian[starts[index] : starts[index + 1], starts[index] : starts[index + 1]]
         assert relative_error(block.to_dense(), expected) <= 1e-8

@@ -16,7 +16,15 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from camphive.data.base import DatasetInfo, as_float_image, check_options, data_root, normalize_split, resolve_transform, shape_after_transform
+from camphive.data.base import (
+    DatasetInfo,
+    as_float_image,
+    check_options,
+    data_root,
+    normalize_split,
+    resolve_transform,
+    shape_after_transform,
+)
 from camphive.data.transforms import NORMALIZATION, Compose, Normalize, RandomHorizontalFlip, ToFloat
 from camphive.errors import ConfigError, DataError
 

@@ -15,7 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from camphive.data.base import DatasetInfo, TensorImageDataset, check_options, data_root, normalize_split, resolve_transform
+from camphive.data.base import (
+    DatasetInfo,
+    TensorImageDataset,
+    check_options,
+    data_root,
+    normalize_split,
+    resolve_transform,
+)
 from camphive.data.transforms import NORMALIZATION, ToFloat, default_transform
 from camphive.errors import DataError
 

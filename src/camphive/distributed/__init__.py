@@ -62,7 +62,7 @@ from camphive.distributed.shards import (
 __all__ = [
     "BACKEND_VARIABLE", "PaddingFilter", "ShardSampler", "ShardedBatchLoader", "all_gather_rows", "all_reduce_",
     "all_reduce_int", "all_reduce_numbers", "all_reduce_tensors", "barrier", "broadcast_buffers", "broadcast_object",
-    "check_same_on_all_ranks", "describe", "fingerprint", "init_from_environment", "is_distributed",
+    "check_same_on_all_ranks", "collective_device", "describe", "fingerprint", "init_from_environment", "is_distributed",
     "is_main_process", "is_sharded", "launched", "local_rank", "on_rank_zero", "padding_filter", "process_device",
     "rank", "reduce_mean_", "resolve", "session", "shard_batches", "shard_loader", "shutdown", "world_size",
     "wrap_model",

@@ -26,10 +26,25 @@ from camphive import data as datasets
 from camphive.checkpoints import load_checkpoint, load_training_state, save_checkpoint, save_training_state
 from camphive.devices import resolve_device
 from camphive.errors import CamphiveError, ConfigError
-from camphive.jobs.common import (calibration_batches, check_input_shape, checkpoint_dataset, checkpoint_metadata,
-                                  load_splits, machine_description, model_for, seed_everything)
-from camphive.jobs.compare_options import (Scalars, check_model, check_plan, check_tensorboard, layer_lists, parse_list,
-                                           parse_options)
+from camphive.jobs.common import (
+    calibration_batches,
+    check_input_shape,
+    checkpoint_dataset,
+    checkpoint_metadata,
+    load_splits,
+    machine_description,
+    model_for,
+    seed_everything,
+)
+from camphive.jobs.compare_options import (
+    Scalars,
+    check_model,
+    check_plan,
+    check_tensorboard,
+    layer_lists,
+    parse_list,
+    parse_options,
+)
 from camphive.jobs.compare_report import write_reports
 from camphive.pruning import prune
 from camphive.pruning.settings import check_prune_settings
@@ -46,7 +61,7 @@ DENSE_STATE = "dense_state.pt"
 # --------------------------------------------------------------------------- the job
 
 
-def compare_job(
+def compare_job(  # noqa: C901 - one flat plan of checks and runs; split next (see the issue notes)
     *,
     model: str = "small-cnn",
     dataset: str | None = "fashion-mnist",

@@ -12,8 +12,16 @@ import json
 import yaml
 
 from camphive import report_html as page
-from camphive.report import (METHOD, accuracy_panels, best_by_target, display_name, headline, layer_sparsity_plot,
-                             markdown_table, write_csv)
+from camphive.report import (
+    METHOD,
+    accuracy_panels,
+    best_by_target,
+    display_name,
+    headline,
+    layer_sparsity_plot,
+    markdown_table,
+    write_csv,
+)
 from camphive.runs import RunFolder, atomic_write_text
 
 CSV_COLUMNS = ["criterion", "target", "sparsity", "parameters", "macs", "macs_ratio", "pruned", "pruned_top5",

@@ -14,8 +14,15 @@ from pathlib import Path
 
 from camphive import data as datasets
 from camphive.checkpoints import load_checkpoint, save_checkpoint
-from camphive.jobs.common import (calibration_batches, checkpoint_metadata, load_splits, loaders, machine_description,
-                                  model_for, seed_everything)
+from camphive.jobs.common import (
+    calibration_batches,
+    checkpoint_metadata,
+    load_splits,
+    loaders,
+    machine_description,
+    model_for,
+    seed_everything,
+)
 from camphive.pruning import prune
 from camphive.report import accuracy_plot, markdown_table
 from camphive.runs import RunFolder, atomic_write_text, timestamp

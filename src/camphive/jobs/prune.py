@@ -21,8 +21,14 @@ from camphive import data as datasets
 from camphive import distributed
 from camphive.checkpoints import load_checkpoint, load_training_state, save_checkpoint, save_training_state
 from camphive.errors import ConfigError
-from camphive.jobs.common import (calibration_batches, calibration_share, check_input_shape, checkpoint_dataset,
-                                  machine_description, seed_everything)
+from camphive.jobs.common import (
+    calibration_batches,
+    calibration_share,
+    check_input_shape,
+    checkpoint_dataset,
+    machine_description,
+    seed_everything,
+)
 from camphive.pruning import prune
 from camphive.pruning.settings import check_prune_settings
 from camphive.pruning.structured.groups import resolve_ignored

@@ -13,8 +13,14 @@ from camphive import distributed
 from camphive.checkpoints import load_checkpoint
 from camphive.curvature import plot_convergence, spectrum
 from camphive.curvature.spectrum import check_spectrum_request
-from camphive.jobs.common import (calibration_batches, calibration_share, check_input_shape, checkpoint_dataset,
-                                  machine_description, seed_everything)
+from camphive.jobs.common import (
+    calibration_batches,
+    calibration_share,
+    check_input_shape,
+    checkpoint_dataset,
+    machine_description,
+    seed_everything,
+)
 from camphive.runs import RunFolder, timestamp
 
 

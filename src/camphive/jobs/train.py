@@ -11,7 +11,14 @@ from pathlib import Path
 from camphive import distributed
 from camphive.checkpoints import load_training_state, save_checkpoint, save_training_state
 from camphive.errors import ConfigError
-from camphive.jobs.common import checkpoint_metadata, load_splits, loaders, machine_description, model_for, seed_everything
+from camphive.jobs.common import (
+    checkpoint_metadata,
+    load_splits,
+    loaders,
+    machine_description,
+    model_for,
+    seed_everything,
+)
 from camphive.jobs.compare_options import parse_options
 from camphive.runs import RunFolder, atomic_write_text, timestamp
 from camphive.training import TrainState, evaluate, train

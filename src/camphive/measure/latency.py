@@ -20,6 +20,7 @@ from torch import nn
 from camphive.errors import ConfigError
 from camphive.modules import eval_mode
 
+
 @dataclass
 class LatencyResult:
     """Wall-clock time of one forward pass of one model at one batch size (milliseconds)."""

@@ -3,9 +3,9 @@ import torch
 from torch import nn
 
 from camphive.pruning.core.calibration import CalibrationInfo
-from camphive.pruning.criteria.camp_hive import CampHive
 from camphive.pruning.core.output_scale import batchnorm_output_scale, normalizing_batchnorms
 from camphive.pruning.core.unit_curvature import unit_matrix
+from camphive.pruning.criteria.camp_hive import CampHive
 
 
 class Net(nn.Module):

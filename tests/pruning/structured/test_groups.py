@@ -7,11 +7,16 @@ from torch import nn
 from camphive import models
 from camphive.errors import ConfigError
 from camphive.measure import count_macs
-from camphive.pruning.structured.budget import MacsModel, round_kept, uniform_kept
-from camphive.pruning.structured.groups import build_dependency_graph, channel_groups, remove_channels, resolve_ignored
 from camphive.pruning.core.calibration import CalibrationInfo
 from camphive.pruning.criteria import make_criterion
-from camphive.pruning.structured.groups import weight_scores_to_channels
+from camphive.pruning.structured.budget import MacsModel, round_kept, uniform_kept
+from camphive.pruning.structured.groups import (
+    build_dependency_graph,
+    channel_groups,
+    remove_channels,
+    resolve_ignored,
+    weight_scores_to_channels,
+)
 from camphive.pruning.structured.prune import prune_structured
 
 

@@ -5,10 +5,15 @@ import torch
 from torch import nn
 
 from camphive.pruning.structured.groups import build_dependency_graph, channel_groups, remove_channels
-from camphive.pruning.structured.merging import (consumer_grams, least_squares_coefficients, merge_group, norm_scales,
-                                              norms_after)
-from camphive.pruning.structured.saliency import greedy_obs_removal, greedy_obs_scores, obs_saliency
+from camphive.pruning.structured.merging import (
+    consumer_grams,
+    least_squares_coefficients,
+    merge_group,
+    norm_scales,
+    norms_after,
+)
 from camphive.pruning.structured.prune import prune_structured
+from camphive.pruning.structured.saliency import greedy_obs_removal, greedy_obs_scores, obs_saliency
 
 REMOVED, PARTNER, FACTOR = 3, 1, 0.4
 

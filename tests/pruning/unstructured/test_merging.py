@@ -1,8 +1,7 @@
 import torch
 
-from camphive.pruning.unstructured.merging import least_squares_merge, merge_into_partner, pair_merge
 from camphive.pruning.core.unit_curvature import LowRankLossCurvature, ReconstructionCurvature
-
+from camphive.pruning.unstructured.merging import least_squares_merge, merge_into_partner, pair_merge
 from tests.pruning.cases import gaussian_covariance
 
 

@@ -1,8 +1,7 @@
 import torch
 
-from camphive.pruning.unstructured.pairing import coupled_pairs, cyclic_pairs
 from camphive.pruning.core.unit_curvature import ReconstructionCurvature
-
+from camphive.pruning.unstructured.pairing import coupled_pairs, cyclic_pairs
 from tests.pruning.cases import gaussian_covariance
 
 

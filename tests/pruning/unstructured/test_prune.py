@@ -7,7 +7,6 @@ from torch import nn
 from camphive.errors import ConfigError, DataError
 from camphive.pruning import prune
 from camphive.pruning.unstructured.settings import DEFAULTS
-
 from tests.pruning.cases import image_batches, tiny_cnn
 
 

@@ -13,9 +13,9 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from camphive.curvature.eigen import top_eigenpairs
 from camphive.curvature.fisher import empirical_fisher_diagonal
 from camphive.curvature.hutchinson import hutchinson_diagonal
-from camphive.curvature.eigen import top_eigenpairs
 from camphive.curvature.hvp import HessianOperator
 from camphive.curvature.reconstruction import layer_input_covariances
 from camphive.errors import NumericalError

@@ -5,7 +5,6 @@ from camphive.errors import ConfigError
 from camphive.pruning.core.unit_curvature import unit_matrix
 from camphive.pruning.criteria.base import Criterion, Scores
 
-
 CHANNEL_SCORES = ("summed", "obs", "greedy_obs")
 CAMP_HIVE_SCORES = ("diagonal", "obs", "diag_lowrank", "hv_product")
 LOSS_WEIGHTINGS = ("none", "unit", "layer", "batchnorm")

@@ -43,12 +43,18 @@ from camphive.modules import as_input_tuple, eval_mode, inputs_on_model_device
 from camphive.pruning.core.checks import check_model_runs
 from camphive.pruning.core.driver import CycleOutcome, PruningMode, run_cycles
 from camphive.pruning.core.result import PruneResult
-from camphive.pruning.structured.budget import (MacsModel, global_kept, global_kept_for_macs, lowest_channels,
-                                                uniform_kept, uniform_kept_for_macs)
+from camphive.pruning.settings import resolve_settings
+from camphive.pruning.structured.budget import (
+    MacsModel,
+    global_kept,
+    global_kept_for_macs,
+    lowest_channels,
+    uniform_kept,
+    uniform_kept_for_macs,
+)
 from camphive.pruning.structured.groups import build_dependency_graph, channel_groups, remove_channels, resolve_ignored
 from camphive.pruning.structured.merging import consumer_grams, merge_group, norms_after
 from camphive.pruning.structured.report import cost_summary, latency_before_after, layer_sparsity, out_channels
-from camphive.pruning.settings import resolve_settings
 from camphive.pruning.structured.settings import StructuredSettings
 
 

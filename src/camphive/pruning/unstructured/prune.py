@@ -20,15 +20,15 @@ from camphive.errors import ConfigError
 from camphive.layers import prunable_parameters
 from camphive.pruning.core.checks import check_model_runs, summary_without_layers
 from camphive.pruning.core.driver import CycleOutcome, PruningMode, check_finite, run_cycles
-from camphive.pruning.unstructured.recovery import recover
 from camphive.pruning.core.result import PruneResult
 from camphive.pruning.core.sharpness import top_loss_eigenvalues
 from camphive.pruning.core.unit_curvature import unit_matrix
+from camphive.pruning.settings import resolve_settings
 from camphive.pruning.unstructured.masks import apply_masks, check_masks, sparsity_of
 from camphive.pruning.unstructured.merging import least_squares_merge, merge_into_partner, pair_merge
 from camphive.pruning.unstructured.pairing import make_pairs
+from camphive.pruning.unstructured.recovery import recover
 from camphive.pruning.unstructured.selection import check_target_reachable, cycle_targets, select_to_prune
-from camphive.pruning.settings import resolve_settings
 from camphive.pruning.unstructured.settings import UnstructuredSettings
 
 
