@@ -331,9 +331,9 @@ def _first_line(error: BaseException) -> str:
     return (str(error).splitlines() or [type(error).__name__])[0][:120]
 
 
-# Where torch's CSR product measured faster than dense (benchmarks/sparse_cpu.py, one CPU thread): linears from
-# 1024x1024 and 1x1 convolutions from 96x576 weights at sparsity 0.95 and above (1.1x to 12.7x faster). A 512x512
-# linear at batch 1 and some layers at 0.9 were slower; smaller layers were not measured.
+# Where torch's CSR product measured faster than dense (benchmarks/sparse_cpu.py, one CPU thread, three runs):
+# linears from 1024x1024 and 1x1 convolutions from 96x576 weights at sparsity 0.95 and above (1.03x to 17x). A
+# 512x512 linear at batch 1 (0.81x-0.99x) and some layers at 0.9 were slower; smaller layers were not measured.
 CSR_MIN_SPARSITY = 0.95
 CSR_MIN_WEIGHTS = {nn.Linear: 1024 * 1024, nn.Conv2d: 96 * 576}
 
