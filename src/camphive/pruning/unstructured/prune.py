@@ -99,21 +99,33 @@ class UnstructuredRun(PruningMode):
     def run_cycle(self, cycle: int, target: float, info) -> CycleOutcome:
         settings = self.settings
         scores = self.criterion.scores(info)
-        pruned_now = select_to_prune(scores, self.alive, target, settings.selection, settings.min_keep)
+        pruned_now = self.select(scores, target)
         changed = any(bool(mask.any()) for mask in pruned_now.values())
-        merge, pairing = settings.merge, settings.pairing
-        reads_curvature = merge in ("curvature", "least_squares") or pairing == "coupled" and merge != "none"
-        view = info.unit_curvature(settings.curvature) if reads_curvature and changed else None
-        for name, parameter in self.params.items():
-            if pruned_now[name].any():
-                merge_layer(unit_matrix(parameter.data), name, unit_matrix(pruned_now[name]),
-                            unit_matrix(self.alive[name] & ~pruned_now[name]), unit_matrix(scores[name].detach()),
-                            merge, pairing, view, settings.clip)
+        if changed:
+            self.merge(pruned_now, scores, info)
+        for name in self.params:
             self.alive[name] &= ~pruned_now[name]
         apply_masks(self.model, self.alive)
         if settings.recovery_steps and changed:  # a cycle that removes nothing leaves the model exactly as it was
             recover(self.model, info.batches, self.alive, settings.recovery_steps, settings.recovery_lr, info.loss_fn)
         return CycleOutcome(changed, {"target": target, "sparsity": sparsity_of(self.alive)[0]})
+
+    def select(self, scores: dict[str, torch.Tensor], target: float) -> dict[str, torch.Tensor]:
+        """``{name: bool}``: the alive weights to prune in this cycle, lowest scores first."""
+        settings = self.settings
+        return select_to_prune(scores, self.alive, target, settings.selection, settings.min_keep)
+
+    def merge(self, pruned_now: dict[str, torch.Tensor], scores: dict[str, torch.Tensor], info) -> None:
+        """Fold the weights pruned now into the kept weights of their output units, then zero them."""
+        settings = self.settings
+        merge, pairing = settings.merge, settings.pairing
+        reads_curvature = merge in ("curvature", "least_squares") or pairing == "coupled" and merge != "none"
+        view = info.unit_curvature(settings.curvature) if reads_curvature else None
+        for name, parameter in self.params.items():
+            if pruned_now[name].any():
+                merge_layer(unit_matrix(parameter.data), name, unit_matrix(pruned_now[name]),
+                            unit_matrix(self.alive[name] & ~pruned_now[name]), unit_matrix(scores[name].detach()),
+                            merge, pairing, view, settings.clip)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {name: mask.clone() for name, mask in self.alive.items()}
