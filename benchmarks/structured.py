@@ -161,7 +161,7 @@ def criteria_section(args, evaluation: Evaluation) -> tuple[str, list[str]]:
                      f"{count_parameters(dense) / 1e3:.0f} k parameters)\n")
         lines.append("Accuracy right after pruning / after BN recalibration on the calibration images / after "
                      f"{args.finetune_epochs} fine-tune epoch(s) on {args.finetune_subset} images; uniform allocation"
-                     f"{f', channel counts rounded to multiples of {args.round_to}' if args.round_to else ''}; "
+                     f"{f', channel counts rounded to multiples of {args.round_to}' if args.round_to > 1 else ''}; "
                      "MACs ratio achieved in brackets:\n")
         header = "| criterion | " + " | ".join(f"{r:g}x" for r in ratios) + " |"
         lines += [header, "|---|" + "---|" * len(ratios)]
@@ -173,11 +173,11 @@ def criteria_section(args, evaluation: Evaluation) -> tuple[str, list[str]]:
         verdicts += accuracy_verdicts(name, table, ratios)
         if not args.criteria_latency:
             continue
-        rounding = f", round_to {args.round_to}" if args.round_to else ""
+        rounding = f", round_to {args.round_to}" if args.round_to > 1 else ""
         shapes = {f"{ratio:g}x{rounding}": model for ratio, model in shapes.items()}
         body, found = latency_table(name, dense, shapes, ratios, evaluation.calibration[:1], args,
                                     "all criteria give the same shapes under uniform allocation",
-                                    add_rounded=not args.round_to)
+                                    add_rounded=args.round_to <= 1)
         lines.append(body)
         verdicts += found
     return "\n".join(lines), verdicts
@@ -269,7 +269,8 @@ def latency_section(args) -> tuple[str, list[str]]:
         shapes = {}
         for ratio in ratios:
             model = copy.deepcopy(dense)
-            prune_structured(model, calibration, target_macs_ratio=ratio, criterion="magnitude", measure_latency=False)
+            prune_structured(model, calibration, target_macs_ratio=ratio, criterion="magnitude", measure_latency=False,
+                         round_to=1)  # exact counts: the round_to=8 shapes are the lever compared
             shapes[f"{ratio:g}x"] = model
         body, found = latency_table(name, dense, shapes, ratios, calibration, args, "1x28x28 Fashion-MNIST input")
         parts.append(body)
@@ -287,7 +288,8 @@ def speed_section(args) -> tuple[str, list[str]]:
     shapes = {}
     for ratio in ratios:
         model = copy.deepcopy(dense)
-        prune_structured(model, calibration, target_macs_ratio=ratio, criterion="magnitude", measure_latency=False)
+        prune_structured(model, calibration, target_macs_ratio=ratio, criterion="magnitude", measure_latency=False,
+                         round_to=1)  # exact counts: the round_to=8 shapes are the lever compared
         shapes[f"{ratio:g}x"] = model
     macs = count_macs(dense, calibration[0][0][:1]).total
     return latency_table("resnet56", dense, shapes, ratios, calibration, args,
@@ -310,7 +312,9 @@ def main(argv=None) -> None:
     parser.add_argument("--resnet-epochs", type=int, default=3)
     parser.add_argument("--resnet-subset", type=int, default=20000)
     parser.add_argument("--latency-seconds", type=float, default=3.0)
-    parser.add_argument("--round-to", type=int, default=None, help="criteria: round every criterion's channel counts")
+    parser.add_argument("--round-to", type=int, default=1,
+                        help="criteria: round every criterion's channel counts (1: exact counts; prune's own default "
+                             "is 8 in groups of 16 or more)")
     parser.add_argument("--no-criteria-latency", dest="criteria_latency", action="store_false",
                         help="criteria: accuracy only (time the shapes with --sections latency)")
     parser.add_argument("--threads", type=int, default=1)

@@ -32,7 +32,7 @@ def test_every_model_prunes_and_keeps_its_output_shape(name, size):
         model = models.create(name, num_classes=10).eval()
         dense_parameters = count_parameters(model)
         result = prune_structured(model, batches(size), sparsity, criterion="magnitude", merge="least_squares",
-                                  example_inputs=example[:1], measure_latency=False)
+                                  example_inputs=example[:1], measure_latency=False, round_to=1)  # exact counts
         output = model(example)
         assert output.shape == (2, 10) and torch.isfinite(output).all()
         assert result.sparsity == pytest.approx(sparsity, abs=0.02)
@@ -61,13 +61,14 @@ def test_reported_macs_are_those_of_the_pruned_model():
     assert result.extra["macs_ratio"] == pytest.approx(result.before["macs"] / result.after["macs"])
 
 
-@pytest.mark.parametrize("options", [{}, {"global_pruning": True}, {"round_to": 8}, {"cycles": 2}])
+@pytest.mark.parametrize("options", [{"round_to": 1}, {"global_pruning": True, "round_to": 1}, {"round_to": 8},
+                                     {"cycles": 2, "round_to": 1}, {}])
 def test_target_macs_ratio_is_reached(options):
     model = models.create("resnet20")
     result = prune_structured(model, batches(), target_macs_ratio=2.0, criterion="magnitude", measure_latency=False,
                               **options)
     assert result.extra["target_reached"]
-    if "round_to" in options:  # 16-channel groups can only keep 8 or 16: a coarser step
+    if options.get("round_to", 8) == 8:  # explicit or default: 16-channel groups keep 8 or 16, a coarser step
         assert 2.0 <= result.extra["macs_ratio"] <= 2.0 * 1.1
         assert all(kept % 8 == 0 for _, kept in result.extra["channels"].values())
     else:
@@ -82,7 +83,7 @@ def test_global_pruning_prunes_groups_unevenly():
         model.conv2.weight[:40] = 0
         model.conv3.weight[:, :40] = 0
     result = prune_structured(model, batches(28, channels=1), 0.5, criterion="magnitude", global_pruning=True,
-                              measure_latency=False)
+                              measure_latency=False, round_to=1)
     assert result.sparsity == pytest.approx(0.5, abs=0.01)
     assert model.conv2.out_channels == 24 and model.conv2.weight.abs().sum((1, 2, 3)).min() > 0
     assert model.conv1.out_channels != 16 or model.conv3.out_channels != 64  # not uniform
@@ -213,3 +214,15 @@ def test_a_gpu_model_prunes_with_cpu_calibration_batches_as_on_the_cpu(criterion
     assert result.extra["channels"] == expected.extra["channels"]
     assert result.extra["macs_after"] == expected.extra["macs_after"]
     torch.testing.assert_close(on_gpu(example.cuda()).cpu(), on_cpu(example), atol=1e-3, rtol=1e-3)
+
+
+def test_default_rounding_keeps_multiples_of_8_in_groups_of_16_or_more_and_exact_counts_below():
+    model = models.create("small-cnn", in_channels=1)  # groups of 16, 64 and 128 channels (and fc1's)
+    result = prune_structured(model, batches(28, channels=1), target_macs_ratio=2.0, criterion="magnitude",
+                              measure_latency=False)
+    assert result.config["round_to"] == 8 and result.config["round_min_group"] == 16
+    assert all(kept % 8 == 0 for original, kept in result.extra["channels"].values() if original >= 16)
+    tiny = nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 3), nn.Flatten(), nn.LazyLinear(10))
+    tiny(torch.randn(1, 1, 8, 8))
+    kept = prune_structured(tiny, batches(8, channels=1), 0.5, criterion="magnitude", measure_latency=False)
+    assert sorted(count for _, count in kept.extra["channels"].values()) == [2, 3]  # 4 and 6 channels: not rounded

@@ -102,10 +102,31 @@ def round_kept(kept: int, current: int, round_to: int | None) -> int:
     return current if rounded >= current else rounded
 
 
-def channel_step(group: ChannelGroup, round_to: int | None) -> int | None:
-    """The multiple a group's kept count is rounded to: ``round_to`` and the group's own constraint
-    (the number of its GroupNorm blocks), whichever both divide; None = no rounding."""
-    step = math.lcm(int(round_to or 1), group.multiple)
+@dataclass(frozen=True)
+class ChannelRounding:
+    """Kept channel counts in multiples of ``multiple`` for groups that had at least ``min_group``
+    channels before pruning (smaller groups keep exact counts: rounding them would remove all or none)."""
+
+    multiple: int = 1
+    min_group: int = 0
+
+    def applies_to(self, original_size: int) -> bool:
+        return self.multiple > 1 and original_size >= self.min_group
+
+
+def as_rounding(round_to: ChannelRounding | int | None) -> ChannelRounding:
+    """``round_to`` as a :class:`ChannelRounding` (an int rounds every group; None rounds none)."""
+    return round_to if isinstance(round_to, ChannelRounding) else ChannelRounding(int(round_to or 1))
+
+
+def channel_step(group: ChannelGroup, round_to: ChannelRounding | int | None, original_size: int | None = None
+                 ) -> int | None:
+    """The multiple a group's kept count is rounded to: the rounding's multiple (where it applies to a
+    group of ``original_size`` channels, default its size now) and the group's own constraint (the number
+    of its GroupNorm blocks), whichever both divide; None = no rounding."""
+    rounding = as_rounding(round_to)
+    multiple = rounding.multiple if rounding.applies_to(group.size if original_size is None else original_size) else 1
+    step = math.lcm(multiple, group.multiple)
     return step if step > 1 else None
 
 
@@ -116,7 +137,7 @@ def uniform_kept(groups: list[ChannelGroup], original: dict[str, int], fraction:
     for group in groups:
         n0 = original.get(group.key, group.size)
         count = max(minimum_kept(n0, min_channels), n0 - int(round(fraction * n0)))
-        kept[group.key] = min(group.size, round_kept(count, group.size, channel_step(group, round_to)))
+        kept[group.key] = min(group.size, round_kept(count, group.size, channel_step(group, round_to, n0)))
     return kept
 
 
@@ -145,8 +166,8 @@ def uniform_kept_for_macs(groups, original, macs_model: MacsModel, target_macs: 
 
     fraction = fraction_reaching(None)
     exact = uniform_kept(groups, original, fraction, None, min_channels)
-    steps = {group.key: channel_step(group, round_to) or 1 for group in groups}
-    if not round_to or round_to <= 1:
+    steps = {group.key: channel_step(group, round_to, original.get(group.key, group.size)) or 1 for group in groups}
+    if as_rounding(round_to).multiple <= 1:
         return exact, fraction  # (counts of groups with GroupNorm blocks are already multiples of them)
     sizes = {group.key: group.size for group in groups}
     floors = {key: max(steps[key], minimum_kept(original.get(key, sizes[key]), min_channels)) for key in sizes}
@@ -182,7 +203,8 @@ def _global_counts(groups, original, order, count, round_to, min_channels) -> di
             kept[key] -= 1
             removed += 1
     by_key = {group.key: group for group in groups}
-    return {key: min(by_key[key].size, round_kept(value, by_key[key].size, channel_step(by_key[key], round_to)))
+    return {key: min(by_key[key].size, round_kept(value, by_key[key].size,
+                                                                   channel_step(by_key[key], round_to, original.get(key))))
             for key, value in kept.items()}
 
 

@@ -188,10 +188,10 @@ class StructuredRun(PruningMode):
         if settings.target_macs_ratio is not None:
             target_macs = self.before["macs"] * (1.0 - (1.0 - 1.0 / settings.target_macs_ratio) * fraction_done)
             if settings.global_pruning:
-                kept = global_kept_for_macs(groups, original, scores, macs_model, target_macs, settings.round_to,
+                kept = global_kept_for_macs(groups, original, scores, macs_model, target_macs, settings.rounding(),
                                             settings.min_channels)
             else:
-                kept, _ = uniform_kept_for_macs(groups, original, macs_model, target_macs, settings.round_to,
+                kept, _ = uniform_kept_for_macs(groups, original, macs_model, target_macs, settings.rounding(),
                                                 settings.min_channels)
             self.reached = macs_model.predict(kept) <= target_macs * (1 + 1e-9)
             return kept
@@ -199,9 +199,9 @@ class StructuredRun(PruningMode):
             total = sum(original.values())
             removed_so_far = total - sum(group.size for group in groups)
             goal = int(round(settings.sparsity * fraction_done * total))
-            return global_kept(groups, original, scores, max(0, goal - removed_so_far), settings.round_to,
+            return global_kept(groups, original, scores, max(0, goal - removed_so_far), settings.rounding(),
                                settings.min_channels)
-        return uniform_kept(groups, original, settings.sparsity * fraction_done, settings.round_to,
+        return uniform_kept(groups, original, settings.sparsity * fraction_done, settings.rounding(),
                             settings.min_channels)
 
     def after_cycle(self, outcome: CycleOutcome) -> dict:
