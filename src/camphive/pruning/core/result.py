@@ -8,7 +8,23 @@ import torch
 
 @dataclass
 class PruneResult:
-    """What a pruning run did and measured. ``masks``: parameter name -> bool (True = kept)."""
+    """What a pruning run did and measured.
+
+    Always measured: ``masks`` (parameter name -> bool, True = kept; empty for structured runs,
+    whose channels are gone), ``sparsity`` (global: of the prunable weights, or of the prunable
+    channels), ``layer_sparsity``, ``before``/``after`` (parameters and per-sample MACs, dense and
+    non-zero), ``seconds`` (wall time of the whole call), ``cycles`` (per cycle: target, what was
+    removed, seconds, the calibration quantities computed and their seconds, warnings),
+    ``config`` (the resolved settings: every option as the run used it) and ``num_hvps`` /
+    ``curvature_seconds`` / ``eigenvalues`` (loss-Hessian work the criterion asked for; 0 and
+    empty for the default, which reads only the layers' reconstruction curvature).
+
+    Measured only when asked: the sharpness report (``extra["sharpness"]``: top loss-Hessian
+    eigenvalues before and after, unstructured ``spectrum_top_k`` > 0; empty by default) and,
+    structured, latency before and after (``extra["latency"]``, ``measure_latency``; ``None`` when
+    off). Not measured here: accuracy (evaluate the model: ``camphive.evaluate``) and the
+    latency of unstructured models (masks do not make dense kernels faster).
+    """
 
     mode: str
     masks: dict[str, torch.Tensor]
