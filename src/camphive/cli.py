@@ -207,6 +207,9 @@ def prune_command(
                                              "(default: 0.01).", rich_help_panel=PRUNING_PANEL),
     ignored_layers: Optional[str] = typer.Option(None, help="Comma-separated module names to leave unpruned.",
                                                  rich_help_panel=PRUNING_PANEL),
+    pattern: Optional[str] = typer.Option(None, help="Unstructured N:M sparsity, e.g. 2:4 (sparse tensor cores): "
+                                          "N of every M consecutive inputs pruned per output unit; the sparsity "
+                                          "is N/M.", rich_help_panel=PRUNING_PANEL),
     recalibrate_bn: Optional[bool] = typer.Option(None, "--recalibrate-bn", help="Re-estimate BatchNorm statistics "
                                                   "on the calibration images after each cycle (default).",
                                                   rich_help_panel=PRUNING_PANEL),
@@ -276,7 +279,7 @@ def prune_command(
                        merge=merge, cycles=cycles, schedule=schedule, selection=selection, scope=scope,
                        top_k=top_k, min_keep=min_keep, damping=damping,
                        recalibrate_bn=_switch(ctx, "recalibrate_bn", recalibrate_bn, no_recalibrate_bn),
-                       ignored_layers=ignored, round_to=round_to,
+                       ignored_layers=ignored, pattern=pattern, round_to=round_to,
                        global_pruning=_switch(ctx, "global_pruning", global_pruning, no_global_pruning),
                        min_channels=min_channels,
                        latency_channels_last=_switch(ctx, "latency_channels_last", latency_channels_last,
@@ -291,6 +294,8 @@ def prune_command(
                "sparsity": results["prune"]["sparsity"]}
     if results["finetuned"]:
         summary["fine-tuned accuracy"] = results["finetuned"]["accuracy"]
+    if results["prune"].get("dense_layers"):
+        summary["left dense (no N:M layout)"] = ", ".join(results["prune"]["dense_layers"])
     _echo_metrics(f"{criterion} ({mode}) -> {out}", summary)
 
 

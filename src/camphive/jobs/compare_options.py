@@ -34,6 +34,8 @@ def parse_list(value, kind=str, option: str = "list") -> list:
 _SHAPE = re.compile(r"^\d+(x\d+)+$")
 # Numbers YAML 1.1 reads as strings (1e-3, 5E+2: no dot before the exponent).
 _EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+# N:M sparsity patterns (pattern=2:4), which YAML 1.1 reads as base-60 numbers (2:4 -> 124): kept as text.
+_RATIO = re.compile(r"^\d+:\d+$")
 
 
 def parse_options(value, option: str = "options") -> dict:
@@ -57,6 +59,8 @@ def parse_options(value, option: str = "options") -> dict:
         item = item.strip()
         if _SHAPE.match(item):
             result[key.strip()] = [int(size) for size in item.split("x")]
+        elif _RATIO.match(item):
+            result[key.strip()] = item
         else:
             result[key.strip()] = float(item) if _EXPONENT.match(item) else _safe_yaml(item, option)
     return result

@@ -78,8 +78,8 @@ def prune_job(
     started = time.perf_counter()
     stored = load_checkpoint(checkpoint)
     dataset, dataset_options = checkpoint_dataset(stored.metadata, dataset, checkpoint)
-    if mode == "unstructured" and sparsity is None and target_macs_ratio is None:
-        raise ConfigError("pass --sparsity (fraction of weights to remove, e.g. 0.9)")
+    if mode == "unstructured" and sparsity is None and target_macs_ratio is None and not (options or {}).get("pattern"):
+        raise ConfigError("pass --sparsity (fraction of weights to remove, e.g. 0.9) or --pattern (e.g. 2:4)")
     if mode == "structured" and sparsity is None and target_macs_ratio is None:
         raise ConfigError("pass --sparsity (fraction of channels) or --target-macs-ratio (e.g. 2.0) for structured pruning")
     options = dict(options or {})

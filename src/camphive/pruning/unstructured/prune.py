@@ -27,6 +27,7 @@ from camphive.pruning.settings import resolve_settings
 from camphive.pruning.unstructured.masks import apply_masks, check_masks, sparsity_of
 from camphive.pruning.unstructured.merging import least_squares_merge, merge_into_partner, pair_merge
 from camphive.pruning.unstructured.pairing import make_pairs
+from camphive.pruning.unstructured.patterns import pattern_extra, pattern_layout, select_pattern
 from camphive.pruning.unstructured.recovery import recover
 from camphive.pruning.unstructured.selection import check_target_reachable, cycle_targets, select_to_prune
 from camphive.pruning.unstructured.settings import UnstructuredSettings
@@ -68,7 +69,7 @@ def prune_unstructured(model: nn.Module, calib_data, sparsity: float | None = No
                        before=before, after=summary_without_layers(model, example), eigenvalues=history.eigenvalues,
                        num_hvps=history.num_hvps + hvps, curvature_seconds=history.curvature_seconds + seconds,
                        seconds=time.perf_counter() - started, cycles=history.cycles, config=config,
-                       extra={"sharpness": sharpness})
+                       extra={"sharpness": sharpness, **pattern_extra(model, run.params, settings.pattern)})
 
 
 class UnstructuredRun(PruningMode):
@@ -113,6 +114,9 @@ class UnstructuredRun(PruningMode):
     def select(self, scores: dict[str, torch.Tensor], target: float) -> dict[str, torch.Tensor]:
         """``{name: bool}``: the alive weights to prune in this cycle, lowest scores first."""
         settings = self.settings
+        if settings.pattern is not None:  # N:M: per group of each unit, the cycle's share of N (no floors)
+            layout = pattern_layout(self.model, self.params, settings.pattern)
+            return select_pattern(scores, self.alive, layout, target / settings.sparsity)
         return select_to_prune(scores, self.alive, target, settings.selection, settings.min_keep)
 
     def merge(self, pruned_now: dict[str, torch.Tensor], scores: dict[str, torch.Tensor], info) -> None:

@@ -10,6 +10,7 @@ from camphive.pruning.criteria import WEIGHT_CRITERIA, Criterion, canonical_name
 from camphive.pruning.criteria.camp_hive import CAMP_HIVE_SCORES
 from camphive.pruning.unstructured.merging import MERGES
 from camphive.pruning.unstructured.pairing import PAIRINGS
+from camphive.pruning.unstructured.patterns import normalize_pattern, pattern_sparsity
 from camphive.pruning.unstructured.selection import SCHEDULES, SELECTIONS, check_sparsity, keep_floor
 
 # Chosen by measurement (benchmarks/unstructured.py, benchmarks/RESULTS.md, docs/method.md).
@@ -38,6 +39,9 @@ class UnstructuredSettings(PruneSettings):
     ``recovery_lr`` after each cycle. ``spectrum_top_k``: top loss-Hessian eigenvalues measured
     before and after pruning for a sharpness report (0, the default, skips it: it costs Hessian-
     vector products over the whole calibration set, often more than the pruning).
+    ``pattern``: N:M semi-structured sparsity ("2:4", "4:8"): N of every M consecutive fan-in weights
+    pruned in each output unit (:mod:`~camphive.pruning.unstructured.patterns`); ``sparsity`` is then N/M
+    and may be omitted; layers the pattern does not fit stay dense; ``selection`` and ``min_keep`` do not apply.
     """
 
     sparsity: float | None = None
@@ -53,11 +57,15 @@ class UnstructuredSettings(PruneSettings):
     hutchinson_probes: int = 16
     loss_diagonal: str = "fisher"
     spectrum_top_k: int = 0
+    pattern: str | None = None
 
     mode = "unstructured"
 
     def __post_init__(self) -> None:
+        self._set("pattern", normalize_pattern(self.pattern))  # before the type check: YAML reads 2:4 as 124
         super().__post_init__()
+        if self.pattern is not None:
+            self._set("sparsity", pattern_sparsity(self.pattern, self.sparsity))
         if self.sparsity is None:
             raise ConfigError("sparsity is required for unstructured pruning, e.g. sparsity=0.9")
         check_sparsity(self.sparsity)
