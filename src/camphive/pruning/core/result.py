@@ -22,8 +22,10 @@ class PruneResult:
     Measured only when asked: the sharpness report (``extra["sharpness"]``: top loss-Hessian
     eigenvalues before and after, unstructured ``spectrum_top_k`` > 0; empty by default) and,
     structured, latency before and after (``extra["latency"]``, ``measure_latency``; ``None`` when
-    off). Not measured here: accuracy (evaluate the model: ``camphive.evaluate``) and the
-    latency of unstructured models (masks do not make dense kernels faster).
+    off). With an N:M ``pattern`` (unstructured), ``extra["dense_layers"]`` names the layers the
+    pattern does not fit, left dense (``{parameter name: why}``). Not measured here: accuracy
+    (evaluate the model: ``camphive.evaluate``) and the latency of unstructured models (masks do
+    not make dense kernels faster).
     """
 
     mode: str
