@@ -193,15 +193,17 @@ def prune_command(
                                                       "a sparsity, e.g. 2.0.", rich_help_panel=PRUNING_PANEL),
     mode: str = typer.Option("unstructured", help="unstructured (masks) or structured (channels removed).",
                              rich_help_panel=PRUNING_PANEL),
-    criterion: str = typer.Option("camp-hive", help="camp-hive, magnitude, random, taylor, obd, hutchinson; "
-                                  "structured also tp-magnitude, tp-taylor, tp-hessian.",
+    criterion: str = typer.Option("camp-hive", help="camp-hive, magnitude, random, taylor, obd, hutchinson, wanda; "
+                                  "unstructured also sparsegpt, obc; structured also tp-magnitude, tp-taylor, "
+                                  "tp-hessian.",
                                   rich_help_panel=PRUNING_PANEL),
     cycles: Optional[int] = typer.Option(None, min=1, help="Pruning rounds, curvature re-estimated in each "
                                          "(default: 3 for camp-hive unstructured, else 1).",
                                          rich_help_panel=PRUNING_PANEL),
     schedule: Optional[str] = typer.Option(None, help="How the target grows over the cycles: linear, cubic or "
                                            "constant (default: linear).", rich_help_panel=PRUNING_PANEL),
-    selection: Optional[str] = typer.Option(None, help="global or layer thresholds (default: global).",
+    selection: Optional[str] = typer.Option(None, help="global, layer or unit thresholds (default: unit for "
+                                            "wanda, layer for sparsegpt and obc, else global).",
                                             rich_help_panel=PRUNING_PANEL),
     min_keep: Optional[float] = typer.Option(None, help="Weights every layer keeps: a fraction (< 1) or a count "
                                              "(default: 0.01).", rich_help_panel=PRUNING_PANEL),

@@ -11,7 +11,7 @@ from camphive.errors import ConfigError
 from camphive.export import export_onnx
 from camphive.measure import count_macs, count_parameters
 from camphive.pruning import prune
-from camphive.pruning.criteria import ALL_CRITERIA as STRUCTURED_CRITERIA
+from camphive.pruning.criteria import STRUCTURED_CRITERIA
 from camphive.pruning.structured.prune import prune_structured
 
 MODELS = [("resnet20", 32), ("resnet56", 32), ("resnet110", 32), ("resnet18", 32), ("resnet18-imagenet", 64),

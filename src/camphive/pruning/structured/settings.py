@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from camphive.errors import ConfigError
 from camphive.pruning.core.settings import PruneSettings, check_choice
-from camphive.pruning.criteria import Criterion, canonical_name, is_camp_hive, make_criterion
+from camphive.pruning.criteria import Criterion, canonical_name, is_camp_hive, is_layer_solver, make_criterion
 from camphive.pruning.criteria.camp_hive import CHANNEL_SCORES
 from camphive.pruning.structured.budget import ChannelRounding, check_targets
 from camphive.pruning.structured.merging import BETA_SOURCES, FLATTEN_FITS, STRUCTURED_MERGES, STRUCTURED_PAIRINGS
@@ -75,6 +75,9 @@ class StructuredSettings(PruneSettings):
             raise ConfigError(f"min_channels must be > 0 (a count, or a fraction below 1), got {self.min_channels}")
         camp_hive = is_camp_hive(self.criterion)
         canonical_name(self.criterion)  # an unknown name fails here
+        if is_layer_solver(self.criterion):
+            raise ConfigError(f"criterion {canonical_name(self.criterion)} solves layers of single weights; use "
+                              "mode='unstructured' (structured criteria: see camphive.pruning.criteria.STRUCTURED_CRITERIA)")
         self._set("channel_score", self.channel_score or (DEFAULTS["channel_score"] if camp_hive else "summed"))
         self._set("merge", self.merge or (DEFAULTS["merge"] if camp_hive else "none"))
         self._set("cycles", self.cycles or DEFAULTS["cycles"])

@@ -23,7 +23,9 @@ from camphive.pruning.core.driver import CycleOutcome, PruningMode, check_finite
 from camphive.pruning.core.result import PruneResult
 from camphive.pruning.core.sharpness import top_loss_eigenvalues
 from camphive.pruning.core.unit_curvature import unit_matrix
+from camphive.pruning.criteria import LayerSolverCriterion
 from camphive.pruning.settings import resolve_settings
+from camphive.pruning.unstructured.layer_solvers import solve_layers
 from camphive.pruning.unstructured.masks import apply_masks, check_masks, sparsity_of
 from camphive.pruning.unstructured.merging import least_squares_merge, merge_into_partner, pair_merge
 from camphive.pruning.unstructured.pairing import make_pairs
@@ -99,17 +101,21 @@ class UnstructuredRun(PruningMode):
 
     def run_cycle(self, cycle: int, target: float, info) -> CycleOutcome:
         settings = self.settings
-        scores = self.criterion.scores(info)
-        pruned_now = self.select(scores, target)
+        solved = {}
+        if isinstance(self.criterion, LayerSolverCriterion):  # SparseGPT, OBC: each layer chosen and updated at once
+            pruned_now, solved = solve_layers(self, target, info)
+        else:
+            scores = self.criterion.scores(info)
+            pruned_now = self.select(scores, target)
         changed = any(bool(mask.any()) for mask in pruned_now.values())
-        if changed:
+        if changed and not solved:
             self.merge(pruned_now, scores, info)
         for name in self.params:
             self.alive[name] &= ~pruned_now[name]
         apply_masks(self.model, self.alive)
         if settings.recovery_steps and changed:  # a cycle that removes nothing leaves the model exactly as it was
             recover(self.model, info.batches, self.alive, settings.recovery_steps, settings.recovery_lr, info.loss_fn)
-        return CycleOutcome(changed, {"target": target, "sparsity": sparsity_of(self.alive)[0]})
+        return CycleOutcome(changed, {"target": target, "sparsity": sparsity_of(self.alive)[0], **solved})
 
     def select(self, scores: dict[str, torch.Tensor], target: float) -> dict[str, torch.Tensor]:
         """``{name: bool}``: the alive weights to prune in this cycle, lowest scores first."""

@@ -1,4 +1,10 @@
-"""Which weights to prune: sparsity schedules and score thresholds with per-layer floors."""
+"""Which weights to prune: sparsity schedules and score thresholds with per-layer (or per-unit) floors.
+
+Selections: ``"global"`` compares scores over all layers; ``"layer"`` prunes each layer to the
+target; ``"unit"`` prunes each output unit (row of the weight viewed as ``(out_units, fan_in)``)
+to the target fraction of its own entries, comparing scores only within the unit (Wanda's
+comparison group).
+"""
 from __future__ import annotations
 
 import math
@@ -9,7 +15,7 @@ import torch
 from camphive.errors import ConfigError
 
 SCHEDULES = ("linear", "cubic", "constant")
-SELECTIONS = ("global", "layer")
+SELECTIONS = ("global", "layer", "unit")
 
 
 def cycle_targets(sparsity: float, cycles: int, schedule: str = "linear") -> list[float]:
@@ -55,8 +61,11 @@ def check_target_reachable(alive: Mapping[str, torch.Tensor], target_sparsity: f
     """Refuse a sparsity the layers' floors (``min_keep``) cannot allow, from the masks ``alive``
     now: called before the first cycle, so a run never stops half-way for it."""
     if selection not in SELECTIONS:
-        raise ConfigError(f"unknown selection {selection!r}; use global or layer")
+        raise ConfigError(f"unknown selection {selection!r}; use global, layer or unit")
     check_sparsity(target_sparsity)
+    if selection == "unit":
+        _check_units_reachable(alive, target_sparsity, min_keep)
+        return
     floors = {name: keep_floor(mask.numel(), min_keep) for name, mask in alive.items()}
     prunable_now = {name: int(mask.sum()) - floors[name] for name, mask in alive.items()}
     if selection == "layer":
@@ -92,8 +101,12 @@ def select_to_prune(
     parameters, already pruned ones included. Each layer keeps at least
     ``keep_floor(numel, min_keep)`` entries; a target that cannot respect the floors is an
     error, not a silent shortfall. Ties are broken by position, so the result is exact.
+    ``selection="unit"``: see :func:`unit_rank_scores`; the global count is exact too.
     """
     check_target_reachable(alive, target_sparsity, selection, min_keep)
+    if selection == "unit":
+        rank_scores = {name: unit_rank_scores(scores[name], alive[name], min_keep) for name in alive}
+        return select_to_prune(rank_scores, alive, target_sparsity, "global", 0)
     names = list(alive)
     floors = {name: keep_floor(alive[name].numel(), min_keep) for name in names}
     if selection == "layer":
@@ -146,3 +159,47 @@ def _highest_indices(score: torch.Tensor, live: torch.Tensor, count: int) -> tor
     ranked = score.clone()
     ranked[~live] = -math.inf
     return torch.sort(ranked, descending=True, stable=True).indices[:count]
+
+
+def _unit_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """``(out_units, fan_in)``: a weight's output units as rows (a 1-D tensor is one unit)."""
+    return tensor.reshape(tensor.shape[0] if tensor.ndim > 1 else 1, -1)
+
+
+def unit_rank_scores(score: torch.Tensor, alive: torch.Tensor, min_keep: float | int = 0.01) -> torch.Tensor:
+    """Scores that make a global selection prune every output unit to the same fraction of its entries.
+
+    Within each unit (row of ``(out_units, fan_in)``) the alive entries are ranked by ``score``,
+    lowest first (ties by position); the k-th of them gets ``(dead + k + 1/2) / fan_in``, the
+    fraction of the unit pruned once it goes (``dead``: the unit's entries already pruned). So a
+    global selection of the lowest of these takes from every unit in turn, its lowest scores first,
+    until all units reach the same fraction (to within one entry). Each unit's
+    ``keep_floor(fan_in, min_keep)`` highest-scoring alive entries, and the dead ones, get ``inf``:
+    never chosen. Returns float64 of ``score``'s shape.
+    """
+    rows, live = _unit_rows(score.detach()).double(), _unit_rows(alive)
+    fan_in = rows.shape[1]
+    by_score = torch.sort(rows, dim=1, stable=True).indices
+    dead_last = torch.sort((~live).gather(1, by_score).to(torch.uint8), dim=1, stable=True).indices
+    order = by_score.gather(1, dead_last)  # alive entries by ascending score, then the dead ones
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(fan_in, device=order.device).expand_as(order))
+    alive_count = live.sum(1, keepdim=True)
+    dead = fan_in - alive_count
+    ranked = (dead + rank + 0.5).double() / fan_in
+    ranked[rank >= alive_count - keep_floor(fan_in, min_keep)] = math.inf
+    return ranked.reshape(score.shape)
+
+
+def _check_units_reachable(alive: Mapping[str, torch.Tensor], target_sparsity: float, min_keep: float | int) -> None:
+    total = sum(mask.numel() for mask in alive.values())
+    already = sum(mask.numel() - int(mask.sum()) for mask in alive.values())
+    capacity = 0
+    for mask in alive.values():
+        units = _unit_rows(mask)
+        capacity += int((units.sum(1) - keep_floor(units.shape[1], min_keep)).clamp_min(0).sum())
+    if round(target_sparsity * total) - already > capacity:
+        raise ConfigError(
+            f"sparsity {target_sparsity:.4f} would empty an output unit: only {capacity + already} of {total} weights "
+            f"can be pruned while every unit keeps its floor (min_keep={min_keep}); lower the sparsity or min_keep, "
+            "or use selection='global'"
+        )

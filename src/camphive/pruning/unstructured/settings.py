@@ -6,8 +6,16 @@ from dataclasses import dataclass
 from camphive.curvature.eigen import EIGEN_METHODS
 from camphive.errors import ConfigError
 from camphive.pruning.core.settings import PruneSettings, check_choice
-from camphive.pruning.criteria import WEIGHT_CRITERIA, Criterion, canonical_name, is_camp_hive, make_criterion
+from camphive.pruning.criteria import (
+    WEIGHT_CRITERIA,
+    Criterion,
+    canonical_name,
+    is_camp_hive,
+    is_layer_solver,
+    make_criterion,
+)
 from camphive.pruning.criteria.camp_hive import CAMP_HIVE_SCORES
+from camphive.pruning.unstructured.layer_solvers import check_solver_settings, default_selection
 from camphive.pruning.unstructured.merging import MERGES
 from camphive.pruning.unstructured.pairing import PAIRINGS
 from camphive.pruning.unstructured.patterns import normalize_pattern, pattern_sparsity
@@ -30,7 +38,10 @@ class UnstructuredSettings(PruneSettings):
     """Unstructured pruning: ``sparsity`` (fraction of the prunable weights removed, in [0, 1)).
 
     ``selection``: "global" compares scores over all layers, "layer" prunes each layer to the
-    target; every layer keeps at least ``min_keep`` (a fraction, or a count if >= 1).
+    target, "unit" each output unit; every layer (unit) keeps at least ``min_keep`` (a fraction,
+    or a count if >= 1). Default per criterion: "unit" for wanda, "layer" for the layer solvers
+    sparsegpt and obc (which take "layer" or "global": counts from CAMP-HiVe's global selection,
+    and refuse ``merge``: their update is their merge), "global" for the others.
     ``schedule``: how the target grows over the cycles (linear, cubic, constant). Loss-Hessian
     options (``curvature="loss"`` or the scores diag_lowrank / hv_product): ``top_k``
     eigenpairs by ``eigen_method``, per ``scope`` (global or layer); ``hutchinson_probes``;
@@ -46,7 +57,7 @@ class UnstructuredSettings(PruneSettings):
 
     sparsity: float | None = None
     scope: str = "global"
-    selection: str = "global"
+    selection: str | None = None
     schedule: str = "linear"
     top_k: int = 8
     min_keep: float | int = 0.01
@@ -81,6 +92,9 @@ class UnstructuredSettings(PruneSettings):
         if isinstance(self.criterion, Criterion) and (explicit or self.first_order_weight):
             raise ConfigError(f"options {', '.join(explicit or ['first_order_weight'])} configure criterion camp-hive; "
                               f"set them on your {type(self.criterion).__name__} instance instead")
+        self._set("selection", self.selection or default_selection(self.criterion))
+        if is_layer_solver(self.criterion):
+            check_solver_settings(self)
         self._set("merge", self.merge or (DEFAULTS["merge"] if camp_hive else "none"))
         self._set("pairing", self.pairing or DEFAULTS["pairing"])
         self._set("cycles", self.cycles or (DEFAULTS["cycles"] if camp_hive else 1))
@@ -109,4 +123,6 @@ class UnstructuredSettings(PruneSettings):
     def criterion_object(self) -> Criterion:
         """The criterion this run scores with (CAMP-HiVe configured by the weight-score options)."""
         options = self.weight_options() if is_camp_hive(self.criterion) else {}
+        if is_layer_solver(self.criterion) and not isinstance(self.criterion, Criterion):
+            options = {"damping": self.damping}
         return make_criterion(self.criterion, seed=self.seed, **options)
