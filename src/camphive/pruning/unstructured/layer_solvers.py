@@ -30,6 +30,7 @@ from camphive.errors import ConfigError
 from camphive.modules import eval_mode
 from camphive.pruning.core.unit_curvature import unit_matrix
 from camphive.pruning.criteria import canonical_name, is_layer_solver, make_criterion
+from camphive.pruning.unstructured.defaults import DEFAULTS
 from camphive.pruning.unstructured.selection import check_target_reachable, select_to_prune
 
 SOLVER_SELECTIONS = ("layer", "global")
@@ -99,8 +100,6 @@ def layer_counts(params, modules, alive, target: float, info, settings) -> dict[
     alive entries (cumulative rounding). Both respect the ``min_keep`` floors (or refuse the target).
     """
     if settings.selection == "global":
-        from camphive.pruning.unstructured.settings import DEFAULTS
-
         scorer = make_criterion("camp-hive", **{key: DEFAULTS[key] for key in ("score", "curvature", "loss_weighting")})
         chosen = select_to_prune(scorer.scores(info), alive, target, "global", settings.min_keep)
         return {name: _per_group(chosen[name] | ~alive[name], modules[name]) for name in params}

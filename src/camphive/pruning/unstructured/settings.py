@@ -15,22 +15,12 @@ from camphive.pruning.criteria import (
     make_criterion,
 )
 from camphive.pruning.criteria.camp_hive import CAMP_HIVE_SCORES
+from camphive.pruning.unstructured.defaults import DEFAULTS
 from camphive.pruning.unstructured.layer_solvers import check_solver_settings, default_selection
 from camphive.pruning.unstructured.merging import MERGES
 from camphive.pruning.unstructured.pairing import PAIRINGS
 from camphive.pruning.unstructured.patterns import normalize_pattern, pattern_sparsity
 from camphive.pruning.unstructured.selection import SCHEDULES, SELECTIONS, check_sparsity, keep_floor
-
-# Chosen by measurement (benchmarks/unstructured.py, benchmarks/RESULTS.md, docs/method.md).
-DEFAULTS = {
-    "score": "diagonal",
-    "curvature": "reconstruction",
-    "loss_weighting": "batchnorm",
-    "pairing": "coupled",
-    "merge": "least_squares",
-    "cycles": 3,
-    "recalibrate_bn": True,  # every criterion: BatchNorm statistics re-estimated after each cycle
-}
 
 
 @dataclass(frozen=True)
