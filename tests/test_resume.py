@@ -109,3 +109,59 @@ def test_resume_without_anything_to_resume_in_a_new_folder_just_runs(tmp_path, d
     result = prune_job(checkpoint=dense_checkpoint, out=tmp_path / "new", sparsity=0.5, calib_samples=32,
                        device="cpu", resume=True)
     assert abs(result["prune"]["sparsity"] - 0.5) < 0.01
+
+
+STRUCTURED_SETTINGS = dict(mode="structured", sparsity=0.5, calib_samples=64, finetune_epochs=1, train_subset=128,
+                           device="cpu", options={"cycles": 3, "measure_latency": False})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_structured(tmp_path_factory, dense_checkpoint):
+    out = tmp_path_factory.mktemp("resume") / "full-structured"
+    return out, prune_job(out=out, checkpoint=dense_checkpoint, **STRUCTURED_SETTINGS)
+
+
+@pytest.mark.parametrize("stop_at", [("cycle.safetensors", 1), ("cycle.safetensors", 2), ("model.safetensors", 1)])
+def test_structured_prune_resumes_after_a_cycle_to_the_same_smaller_model(tmp_path, dense_checkpoint,
+                                                                          uninterrupted_structured, monkeypatch,
+                                                                          stop_at):
+    from camphive.checkpoints import load_checkpoint
+
+    full_folder, full = uninterrupted_structured
+    _interrupt_after(monkeypatch, *stop_at)
+    with pytest.raises(KeyboardInterrupt):
+        prune_job(out=tmp_path / "cut", checkpoint=dense_checkpoint, **STRUCTURED_SETTINGS)
+    monkeypatch.undo()
+    if stop_at[0] == "cycle.safetensors":  # the saved cycle holds the smaller model and the state to resume from
+        saved = load_checkpoint(tmp_path / "cut" / "cycle.safetensors")
+        assert saved.metadata["cycle"] == stop_at[1] and not saved.masks
+        assert set(saved.metadata["structured_state"]) >= {"before", "original_sizes", "kept"}
+    resumed = prune_job(out=tmp_path / "cut", checkpoint=dense_checkpoint, resume=True, **STRUCTURED_SETTINGS)
+    _assert_same(full_folder / "model.safetensors", tmp_path / "cut" / "model.safetensors")
+    assert resumed["finetuned"] == full["finetuned"] and resumed["pruned"] == full["pruned"]
+    for key in ("channels", "macs_before", "macs_after", "params_after", "sparsity"):
+        assert resumed["prune"][key] == full["prune"][key], key
+    assert [record["cycle"] for record in resumed["prune"]["cycles"]] == [1, 2, 3]
+
+
+def test_a_resumed_structured_run_times_the_original_model_itself(tmp_path, dense_checkpoint, monkeypatch):
+    settings = {**STRUCTURED_SETTINGS, "finetune_epochs": 0,
+                "options": {"cycles": 2, "latency_batch_sizes": (1,), "latency_seconds": 0.05}}
+    _interrupt_after(monkeypatch, "cycle.safetensors", 1)
+    with pytest.raises(KeyboardInterrupt):
+        prune_job(out=tmp_path / "cut", checkpoint=dense_checkpoint, **settings)
+    monkeypatch.undo()
+    resumed = prune_job(out=tmp_path / "cut", checkpoint=dense_checkpoint, resume=True, **settings)
+    latency = resumed["prune"]["latency"]
+    assert "skipped" not in latency and latency["batch_1"]["before_ms"] > 0 and latency["batch_1"]["after_ms"] > 0
+
+
+def test_a_cycle_saved_by_one_mode_is_not_resumed_by_the_other(tmp_path, dense_checkpoint, monkeypatch):
+    from camphive.errors import ConfigError
+
+    _interrupt_after(monkeypatch, "cycle.safetensors", 1)
+    with pytest.raises(KeyboardInterrupt):
+        prune_job(out=tmp_path / "cut", checkpoint=dense_checkpoint, **PRUNE_SETTINGS)
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="saved by unstructured pruning; resume with --mode unstructured"):
+        prune_job(out=tmp_path / "cut", checkpoint=dense_checkpoint, resume=True, **STRUCTURED_SETTINGS)

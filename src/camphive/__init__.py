@@ -13,6 +13,7 @@ from camphive import curvature, data, models
 from camphive.checkpoints import load_checkpoint, save_checkpoint
 from camphive.errors import CamphiveError, CheckpointError, ConfigError, DataError, NumericalError
 from camphive.export import export_onnx
+from camphive.gradual import prune_gradually
 from camphive.measure import count_macs, count_parameters, measure_latency, measure_onnx_latency, model_summary
 from camphive.pruning import PruneResult, prune
 from camphive.sparse_format import load_sparse, save_sparse
@@ -21,7 +22,8 @@ from camphive.training import evaluate, finetune, train
 __version__ = "0.1.0"
 
 __all__ = [
-    "data", "models", "curvature", "train", "finetune", "evaluate", "prune", "PruneResult", "export_onnx",
+    "data", "models", "curvature", "train", "finetune", "evaluate", "prune", "prune_gradually", "PruneResult",
+    "export_onnx",
     "count_macs", "count_parameters", "measure_latency", "measure_onnx_latency", "model_summary", "save_checkpoint",
     "load_checkpoint", "save_sparse", "load_sparse",
     "CamphiveError", "ConfigError", "DataError", "CheckpointError", "NumericalError",

@@ -201,7 +201,8 @@ def prune_command(
                                          "(default: 3 for camp-hive unstructured, else 1).",
                                          rich_help_panel=PRUNING_PANEL),
     schedule: Optional[str] = typer.Option(None, help="How the target grows over the cycles: linear, cubic or "
-                                           "constant (default: linear).", rich_help_panel=PRUNING_PANEL),
+                                           "constant (default: linear); gradual: prune during fine-tuning, on "
+                                           "the cubic schedule.", rich_help_panel=PRUNING_PANEL),
     selection: Optional[str] = typer.Option(None, help="global, layer or unit thresholds (default: unit for "
                                             "wanda, layer for sparsegpt and obc, else global).",
                                             rich_help_panel=PRUNING_PANEL),
@@ -264,6 +265,8 @@ def prune_command(
     finetune_lr: float = typer.Option(0.01, help="Fine-tuning learning rate.", rich_help_panel=FINETUNE_PANEL),
     train_subset: Optional[int] = typer.Option(None, help="Fine-tune on N random training samples (default: all).",
                                                rich_help_panel=FINETUNE_PANEL),
+    pruning_steps: Optional[int] = typer.Option(None, help="--schedule gradual: pruning steps over the first 80% "
+                                                "of fine-tuning (default: 10).", rich_help_panel=FINETUNE_PANEL),
     out: Path = typer.Option(Path("runs/prune"), help="Run folder to write.", rich_help_panel=OUTPUT_PANEL),
     overwrite: bool = typer.Option(False, help="Replace an existing run folder.", rich_help_panel=OUTPUT_PANEL),
     resume: bool = typer.Option(False, help="Continue the stopped run in --out (after its last saved cycle or "
@@ -291,9 +294,11 @@ def prune_command(
                         target_macs_ratio=target_macs_ratio, dataset=dataset, data_root=data_root,
                         calib_samples=calib_samples, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
                         train_subset=train_subset, device=device, seed=seed, overwrite=overwrite, resume=resume,
-                        options=options)
-    summary = {"dense accuracy": results["dense"]["accuracy"], "pruned accuracy": results["pruned"]["accuracy"],
-               "sparsity": results["prune"]["sparsity"]}
+                        options=options, pruning_steps=pruning_steps)
+    summary = {"dense accuracy": results["dense"]["accuracy"]}
+    if results["pruned"]:  # a gradual run has no model "right after pruning"
+        summary["pruned accuracy"] = results["pruned"]["accuracy"]
+    summary["sparsity"] = results["prune"]["sparsity"]
     if results["finetuned"]:
         summary["fine-tuned accuracy"] = results["finetuned"]["accuracy"]
     if results["prune"].get("dense_layers"):

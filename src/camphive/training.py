@@ -146,6 +146,7 @@ def train(  # noqa: C901 - the training loop with DDP, AMP, resume and masks; sp
     state: TrainState | None = None,
     on_epoch_end: Callable[[EpochRecord, TrainState], None] | None = None,
     distributed: bool | None = None,
+    on_step: Callable[[int, int], Mapping[str, torch.Tensor] | None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place with SGD and return the per-epoch history.
 
@@ -159,6 +160,10 @@ def train(  # noqa: C901 - the training loop with DDP, AMP, resume and masks; sp
     take the same number of steps), a list of batches is taken as this process's own (steps
     per epoch: the fewest of any process). ``batch_size`` is per process; the reported
     losses and accuracies are over all processes.
+
+    ``on_step(step, total_steps)`` is called before every training step (``step`` counts from 0
+    over all epochs, ``total_steps = epochs * steps per epoch``); when it returns masks, they
+    replace ``masks`` from that step on (gradual pruning, :func:`camphive.gradual.prune_gradually`).
     """
     if epochs < 0:
         raise ConfigError(f"epochs must be >= 0, got {epochs}")
@@ -205,6 +210,9 @@ def train(  # noqa: C901 - the training loop with DDP, AMP, resume and masks; sp
         for step, (inputs, targets) in enumerate(progress.track(batches, f"epoch {epoch + 1}/{epochs}")):
             if step_limit is not None and step >= step_limit:
                 break
+            if on_step is not None:
+                masks = _step_masks(model, on_step(epoch * steps_per_epoch + step, epochs * steps_per_epoch), masks,
+                                    device)
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             if inputs.shape[0] < 2 and _has_batchnorm(model):
                 continue  # BatchNorm cannot normalise a single sample in training mode
@@ -262,6 +270,16 @@ def finetune(model: nn.Module, train_data, epochs: int, masks: Mapping[str, torc
              *, lr: float = 0.01, **options) -> TrainResult:
     """Fine-tune a pruned model with masks enforced (a lower default learning rate than ``train``)."""
     return train(model, train_data, epochs, lr=lr, masks=masks, **options)
+
+
+def _step_masks(model: nn.Module, returned, masks, device):
+    """The masks enforced after an ``on_step`` call: those it returned (checked, applied), else the current ones."""
+    if returned is None:
+        return masks
+    check_masks(model, returned)
+    masks = {name: mask.to(device) for name, mask in returned.items()}
+    apply_masks(model, masks)
+    return masks
 
 
 def _has_batchnorm(model: nn.Module) -> bool:
