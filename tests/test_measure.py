@@ -206,6 +206,36 @@ def test_latency_speedup_and_calibrated_repeats():
     assert 5 <= fast.repeats <= 40  # ~0.15 s / 8 ms per round, at least min_repeats
 
 
+def test_compare_latency_gives_one_record_per_model_after_pruning():
+    from camphive.measure import compare_latency
+    from camphive.measure.latency import latency_columns
+
+    log: list = []
+    models = {"dense": CallRecorder("dense", log, 0.004), "a": CallRecorder("a", log, 0.001),
+              "b": CallRecorder("b", log)}
+    records = compare_latency(models, (2,), batch_sizes=(1, 3), target_seconds=0.05, channels_last=False)
+    assert list(records) == ["a", "b"]  # the first model is the baseline, timed with them in one interleaved run
+    assert {name for name, *_ in log} == {"dense", "a", "b"}
+    for record in records.values():
+        assert set(record) == {"device", "threads", "channels_last", "compiled", "load_average", "batch_1", "batch_3"}
+        assert record["device"] == "cpu" and record["channels_last"] is False and record["compiled"] is False
+        for size in (1, 3):
+            timing = record[f"batch_{size}"]
+            assert set(timing) == {"before_ms", "after_ms", "before_iqr_ms", "after_iqr_ms", "speedup", "repeats"}
+            assert timing["speedup"] == pytest.approx(timing["before_ms"] / timing["after_ms"])
+    assert records["a"]["batch_1"]["before_ms"] == records["b"]["batch_1"]["before_ms"]  # one baseline for all
+    assert records["a"]["batch_1"]["speedup"] > 1.5  # 4 ms against 1 ms, loosely: the machine is shared
+    columns = latency_columns(records["a"], 3)
+    assert columns == {"latency_batch": 3, "latency_before_ms": records["a"]["batch_3"]["before_ms"],
+                       "latency_after_ms": records["a"]["batch_3"]["after_ms"],
+                       "latency_before_iqr_ms": records["a"]["batch_3"]["before_iqr_ms"],
+                       "latency_after_iqr_ms": records["a"]["batch_3"]["after_iqr_ms"],
+                       "speedup": records["a"]["batch_3"]["speedup"]}
+    assert set(latency_columns(None, 1).values()) == {None}
+    with pytest.raises(ConfigError, match="needs the model before pruning and at least one after"):
+        compare_latency({"dense": models["dense"]}, (2,))
+
+
 class LayoutRecorder(nn.Module):
     """A conv that records whether its input and weight were NHWC (channels_last) when called."""
 

@@ -163,6 +163,64 @@ def measure_latency(
     )
 
 
+def compare_latency(
+    models: Mapping[str, nn.Module],
+    input_shape: Sequence[int],
+    *,
+    batch_sizes: Sequence[int] = (1, 64),
+    threads: int | None = None,
+    target_seconds: float = 1.5,
+    channels_last: bool = False,
+    compiled: bool = False,
+) -> dict[str, dict]:
+    """CPU latency of the model before pruning (the first of ``models``) against each model after
+    it, timed interleaved in one run (:func:`measure_latency`) so machine noise falls on all alike.
+
+    Models on another device are timed as CPU copies. Returns ``{name: record}`` for every model
+    after the first, each record in the one layout every report reads::
+
+        {"device", "threads", "channels_last", "compiled", "load_average",
+         "batch_<n>": {"before_ms", "after_ms", "before_iqr_ms", "after_iqr_ms", "speedup", "repeats"}}
+
+    (medians and interquartile ranges in milliseconds; ``speedup`` = before / after).
+    """
+    if len(models) < 2:
+        raise ConfigError(f"compare_latency needs the model before pruning and at least one after, got {len(models)} "
+                          "model(s); pass {'before': original, 'after': pruned}")
+    on_cpu = {name: model if all(p.device.type == "cpu" for p in model.parameters()) else copy.deepcopy(model).cpu()
+              for name, model in models.items()}
+    report = measure_latency(on_cpu, input_shape, batch_sizes=tuple(batch_sizes), threads=threads,
+                             target_seconds=target_seconds, channels_last=channels_last, compiled=compiled)
+    baseline = report.baseline
+    records = {}
+    for name in list(on_cpu)[1:]:
+        record: dict[str, Any] = {"device": report.device, "threads": report.threads,
+                                  "channels_last": report.channels_last, "compiled": report.compiled,
+                                  "load_average": report.load_average}
+        for size in batch_sizes:
+            before, after = report.get(baseline, int(size)), report.get(name, int(size))
+            record[f"batch_{int(size)}"] = {"before_ms": before.median_ms, "after_ms": after.median_ms,
+                                            "before_iqr_ms": before.iqr_ms, "after_iqr_ms": after.iqr_ms,
+                                            "speedup": after.speedup, "repeats": after.repeats}
+        records[name] = record
+    return records
+
+
+def latency_columns(record: dict | None, batch_size: int) -> dict[str, Any]:
+    """One batch size of a :func:`compare_latency` record as flat table columns (``latency_batch``,
+    ``latency_before_ms``, ``latency_after_ms``, ``latency_before_iqr_ms``, ``latency_after_iqr_ms``,
+    ``speedup``); all ``None`` without a record."""
+    timing = (record or {}).get(f"batch_{int(batch_size)}")
+    columns = {"latency_batch": int(batch_size) if timing else None}
+    for key in ("before_ms", "after_ms", "before_iqr_ms", "after_iqr_ms"):
+        columns[f"latency_{key}"] = timing[key] if timing else None
+    columns["speedup"] = timing["speedup"] if timing else None
+    return columns
+
+
+LATENCY_COLUMNS = tuple(latency_columns(None, 1))
+
+
 def _load_average() -> float | None:
     try:
         return os.getloadavg()[0]
