@@ -19,6 +19,7 @@ def count(model: nn.Module) -> int:
     ("resnet56", 10, 0.84e6, 0.87e6),
     ("resnet18", 10, 11.1e6, 11.25e6),
     ("resnet18-imagenet", 1000, 11.68e6, 11.70e6),
+    ("resnet50-imagenet", 1000, 25.55e6, 25.56e6),
     ("mobilenetv2", 10, 2.2e6, 2.3e6),
     ("mobilenetv2-imagenet", 1000, 3.4e6, 3.6e6),
 ])
@@ -39,7 +40,7 @@ def test_output_shapes_for_mnist_and_cifar_inputs(name):
         assert color(torch.randn(2, 3, 32, 32)).shape == (2, 5)
 
 
-@pytest.mark.parametrize("name", ["small-cnn", "resnet20", "resnet18-imagenet",
+@pytest.mark.parametrize("name", ["small-cnn", "resnet20", "resnet18-imagenet", "resnet50-imagenet",
                                   "mobilenetv2-imagenet"])
 def test_output_shape_for_imagenet_input(name):
     model = models.create(name, num_classes=3).eval()

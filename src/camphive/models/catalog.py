@@ -25,11 +25,12 @@ def register_builtin_models() -> None:
         "resnet18", resnet18_cifar, aliases=("resnet18-cifar",), default_input=(3, 32, 32),
         description="ResNet-18 with a 3x3 stride-1 stem and no max-pool, for 32x32 images",
     )
-    for depth in IMAGENET_LAYOUTS:
+    for depth, (block, _) in IMAGENET_LAYOUTS.items():
         register(
             f"resnet{depth}-imagenet", partial(imagenet_resnet, depth),
             default_input=(3, 224, 224),
-            description=f"ImageNet ResNet-{depth} (7x7 stride-2 stem + max-pool)",
+            description=f"ImageNet ResNet-{depth} (7x7 stride-2 stem + max-pool, {block.__name__} blocks; "
+            "torchvision's layer names and shapes)",
         )
     register(
         "mobilenetv2", mobilenetv2_cifar, aliases=("mobilenetv2-cifar",),
