@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from camphive.curvature.eigen import top_eigenpairs
+from camphive.curvature.gram import GramSums, input_gram
 from camphive.curvature.reconstruction import (
     layer_input_covariances,
     layer_input_rows,
@@ -165,3 +166,59 @@ def test_unsupported_or_unknown_layers_raise_config_error():
     with pytest.raises(ConfigError, match="not a module"):
         layer_input_covariances(model, image_batches(), layers=["missing"])
     assert list(layer_input_covariances(model, image_batches(), ignored_layers=["0"])) == ["2"]
+
+
+# Fast sums of x x^T (camphive.curvature.gram): every path against the im2col rows in float64.
+GRAM_LAYERS = LAYERS + [
+    nn.Conv2d(4, 5, 3, padding=2, dilation=2, bias=False),  # dilated, stride 1: shifted windows
+    nn.Conv2d(4, 5, (2, 4), padding="same", bias=False),  # even kernel: uneven zero padding
+    nn.Conv2d(4, 5, 5, padding=1, bias=False),  # windows overlap little on a 7x6 input
+    nn.Conv2d(4, 5, 3, padding=1, padding_mode="replicate", bias=False),  # nonzero border lines
+    nn.Conv2d(4, 5, 1, bias=False),
+    nn.Conv1d(4, 6, 3, padding=1, bias=False),
+]
+
+
+def reference_gram(layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    rows = layer_input_rows(layer, inputs.double())
+    return rows.transpose(1, 2) @ rows
+
+
+@pytest.mark.parametrize("layer", GRAM_LAYERS, ids=lambda layer: repr(layer)[:60])
+def test_input_gram_equals_the_patches_gram_in_float64(layer):
+    inputs = layer_input(layer.double(), torch.Generator().manual_seed(2))
+    gram, rows = input_gram(layer, inputs)
+    expected = reference_gram(layer, inputs)
+    assert rows == layer_input_rows(layer, inputs).shape[1]
+    assert gram.dtype == torch.float64 and torch.allclose(gram, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layer", GRAM_LAYERS, ids=lambda layer: repr(layer)[:60])
+def test_float32_products_stay_within_1e_5_of_float64(layer):
+    """Products in float32, sums in float64: |error| <= 1e-5 sqrt(S_ii S_jj), S over the whole input."""
+    generator = torch.Generator().manual_seed(3)
+    shape = {nn.Linear: (64, 7), nn.Conv1d: (16, 4, 300)}.get(type(layer), (16, 4, 40, 36))
+    inputs = torch.relu(torch.randn(*shape, generator=generator)) * torch.rand(shape[1], *[1] * (len(shape) - 2))
+    gram, _ = input_gram(layer.float(), inputs)
+    expected = reference_gram(layer, inputs)
+    channels = inputs.shape[-1] if isinstance(layer, nn.Linear) else inputs.shape[1]
+    whole = (inputs.double() ** 2).movedim(-1 if isinstance(layer, nn.Linear) else 1, 0).reshape(channels, -1).sum(1)
+    groups, fan_in = expected.shape[0], expected.shape[-1]
+    scale = whole.reshape(groups, -1).repeat_interleave(fan_in * groups // channels, dim=1)  # (groups, fan_in)
+    bound = 1e-5 * (scale[:, :, None] * scale[:, None, :]).sqrt()
+    assert gram.dtype == torch.float64 and bool(((gram - expected).abs() <= bound).all())
+
+
+def test_sums_over_batches_of_different_sizes_and_exact_nonnegative_diagonal():
+    layer = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    generator = torch.Generator().manual_seed(4)
+    batches = [torch.randn(2, 3, 9, 8, generator=generator), torch.randn(3, 3, 6, 7, generator=generator)]
+    batches[0][:, 1, 1:-1, 1:-1] = 0  # channel 1 lives only on the border: its window sums cancel to zero
+    sums = GramSums(layer)
+    for inputs in batches:
+        sums.add(inputs)
+    expected = sum(reference_gram(layer, inputs) for inputs in batches)
+    assert sums.rows == 2 * 9 * 8 + 3 * 6 * 7
+    assert torch.allclose(sums.total(), expected, rtol=1e-6, atol=1e-5)
+    diagonal = sums.total().diagonal(dim1=1, dim2=2)
+    assert bool((diagonal >= 0).all()) and torch.allclose(diagonal, expected.diagonal(dim1=1, dim2=2), rtol=1e-6)

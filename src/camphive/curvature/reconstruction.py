@@ -16,9 +16,10 @@ Layout (matches the flattened weight, so no index juggling is needed downstream)
   :class:`LayerCovariance` therefore holds a stack ``(groups, fan_in, fan_in)`` with
   ``fan_in = in/groups * kh * kw``; ``groups == 1`` for Linear layers and plain convolutions.
 
-G is averaged over all samples and positions of the calibration data, accumulated in
-float64 by default, in one forward pass with hooks (BatchNorm in eval mode; the model's
-modes and flags are restored). Layers whose fan-in exceeds ``max_fan_in`` keep a product
+G is averaged over all samples and positions of the calibration data, in one forward pass
+with hooks (BatchNorm in eval mode; the model's modes and flags are restored): products in
+the inputs' precision (at least float32), sums in float64 by default, stride-1 convolutions
+without forming their im2col patches (:mod:`camphive.curvature.gram`). Layers whose fan-in exceeds ``max_fan_in`` keep a product
 form instead: a uniform subsample of at most ``max_rows`` input rows ``X``, with
 ``G v = X^T (X v) / rows`` (the diagonal stays exact).
 
@@ -37,13 +38,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from camphive import distributed as dist_tools
+from camphive.curvature.gram import ROW_CHUNK, GramSums, padded_2d
 from camphive.curvature.operators import LinearOperatorBase
 from camphive.curvature.state import curvature_mode, parameter_device_dtype, prepare_batches
 from camphive.errors import ConfigError
 from camphive.layers import prunable_layers
 
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
-ROW_CHUNK = 65536  # rows per accumulation step: bounds the float64 copy of the patches
 
 
 @dataclass
@@ -166,7 +167,7 @@ def layer_input_rows(layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     if isinstance(layer, nn.Linear):
         return inputs.reshape(1, -1, inputs.shape[-1])
     if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
-        inputs, kernel, stride, dilation = _padded_2d(layer, inputs)
+        inputs, kernel, stride, dilation = padded_2d(layer, inputs)
         patches = F.unfold(inputs, kernel, dilation=dilation, stride=stride)  # (N, C*kh*kw, L)
         groups = layer.groups
         fan_in = patches.shape[1] // groups
@@ -178,21 +179,6 @@ def layer_input_rows(layer: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _padded_2d(layer: nn.Module, inputs: torch.Tensor):
-    """The input padded as the layer pads it, as a 2-D image (Conv1d: height 1), and the
-    kernel, stride and dilation as pairs."""
-    padding = list(layer._reversed_padding_repeated_twice)  # also right for padding="same"
-    if any(padding):
-        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
-        inputs = F.pad(inputs, padding, mode=mode)
-    if isinstance(layer, nn.Conv1d):
-        inputs = inputs.unsqueeze(-2)
-        kernel, stride, dilation = (1, *layer.kernel_size), (1, *layer.stride), (1, *layer.dilation)
-    else:
-        kernel, stride, dilation = layer.kernel_size, layer.stride, layer.dilation
-    return inputs, kernel, stride, dilation
-
-
 def reconstruction_loss(layer: nn.Module, inputs: torch.Tensor, weight_delta: torch.Tensor) -> float:
     """Exact ``1/2 E||(W - W') x||^2``: the layer's own operation on ``inputs`` with weight
     ``W - W'`` (no bias), squared and summed over output units, averaged over samples and
@@ -202,7 +188,7 @@ def reconstruction_loss(layer: nn.Module, inputs: torch.Tensor, weight_delta: to
         outputs = F.linear(inputs, weight_delta).reshape(-1, weight_delta.shape[0])
         return 0.5 * float((outputs**2).sum(dim=1).mean())
     if isinstance(layer, (nn.Conv1d, nn.Conv2d)):
-        padded, _, stride, dilation = _padded_2d(layer, inputs)
+        padded, _, stride, dilation = padded_2d(layer, inputs)
         kernel = weight_delta.unsqueeze(-2) if isinstance(layer, nn.Conv1d) else weight_delta
         outputs = F.conv2d(padded, kernel, stride=stride, dilation=dilation, groups=layer.groups)
         return 0.5 * float((outputs**2).sum(dim=1).mean())
@@ -210,46 +196,47 @@ def reconstruction_loss(layer: nn.Module, inputs: torch.Tensor, weight_delta: to
 
 
 class _Accumulator:
+    """Forward pre-hook summing one layer's ``x x^T`` (explicit form) or keeping sampled rows (product form)."""
+
     def __init__(self, name: str, layer: nn.Module, dtype: torch.dtype, explicit: bool, rows_per_call: int, seed: int) -> None:
         self.name, self.layer, self.dtype, self.explicit = name, layer, dtype, explicit
         self.rows_per_call = rows_per_call
         self.generator = torch.Generator().manual_seed(seed)
+        self.sums = GramSums(layer, dtype) if explicit else None
         self.gram = self.square_sum = None
         self.kept: list[torch.Tensor] = []
         self.rows = self.examples = 0
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         inputs = args[0].detach()
-        rows = layer_input_rows(module, inputs)
         self.examples += int(inputs.shape[0])
+        if self.explicit:
+            self.sums.add(inputs)
+            self.rows = self.sums.rows
+            return
+        rows = layer_input_rows(module, inputs)
         self.rows += int(rows.shape[1])
         for chunk in torch.split(rows, ROW_CHUNK, dim=1):
-            chunk = chunk.to(self.dtype)
-            squares = (chunk * chunk).sum(dim=1)
+            squares = (chunk.to(self.dtype) ** 2).sum(dim=1)
             self.square_sum = squares if self.square_sum is None else self.square_sum + squares
-            if self.explicit:
-                gram = chunk.transpose(1, 2) @ chunk
-                self.gram = gram if self.gram is None else self.gram + gram
-        if not self.explicit:
-            count = min(self.rows_per_call, rows.shape[1])
-            chosen = torch.randperm(rows.shape[1], generator=self.generator)[:count].to(rows.device)
-            self.kept.append(rows[:, chosen].to(self.dtype))
+        count = min(self.rows_per_call, rows.shape[1])
+        chosen = torch.randperm(rows.shape[1], generator=self.generator)[:count].to(rows.device)
+        self.kept.append(rows[:, chosen].to(self.dtype))
 
     def reduce_over_processes(self) -> None:
         """Sum the Gram matrices and counts over all processes; gather the kept rows (collectives)."""
         weight = self.layer.weight
         groups = int(getattr(self.layer, "groups", 1))
         fan_in = int(weight[0].numel())
-        if self.square_sum is None:  # this process saw no rows: contribute zeros
-            self.square_sum = torch.zeros(groups, fan_in, dtype=self.dtype, device=weight.device)
-            if self.explicit:
-                self.gram = torch.zeros(groups, fan_in, fan_in, dtype=self.dtype, device=weight.device)
-        sums = [self.square_sum, self.gram] if self.explicit else [self.square_sum]
-        reduced = dist_tools.all_reduce_tensors(sums)
-        self.square_sum = reduced[0]
         if self.explicit:
-            self.gram = reduced[1]
+            self.gram = self.sums.total()
+            if self.gram is None:  # this process saw no rows: contribute zeros
+                self.gram = torch.zeros(groups, fan_in, fan_in, dtype=self.dtype, device=weight.device)
+            (self.gram,) = dist_tools.all_reduce_tensors([self.gram])
         else:
+            if self.square_sum is None:
+                self.square_sum = torch.zeros(groups, fan_in, dtype=self.dtype, device=weight.device)
+            (self.square_sum,) = dist_tools.all_reduce_tensors([self.square_sum])
             local = torch.cat(self.kept, dim=1) if self.kept else torch.zeros(groups, 0, fan_in, dtype=self.dtype, device=weight.device)
             self.kept = [dist_tools.all_gather_rows(local, dim=1)]
         self.rows, self.examples = (int(value) for value in dist_tools.all_reduce_numbers([self.rows, self.examples], dtype=torch.int64))
@@ -259,15 +246,23 @@ class _Accumulator:
             raise ConfigError(f"layer {self.name!r} saw no inputs in the forward pass; it is not used by the model's forward")
         weight = self.layer.weight
         groups = int(getattr(self.layer, "groups", 1))
+        matrix = None
+        if self.explicit:
+            matrix = self.gram if self.gram is not None else self.sums.total()
+            self.sums = self.gram = None  # free the partial sums before the next layer assembles its own
+            diagonal = matrix.diagonal(dim1=1, dim2=2) / self.rows
+            matrix = matrix.div_(self.rows)
+        else:
+            diagonal = self.square_sum / self.rows
         return LayerCovariance(
             name=self.name,
             groups=groups,
             fan_in=int(weight[0].numel()),
             out_per_group=int(weight.shape[0]) // groups,
-            diagonal=self.square_sum / self.rows,
+            diagonal=diagonal,
             num_samples=self.rows,
             num_examples=self.examples,
-            matrix=self.gram / self.rows if self.explicit else None,
+            matrix=matrix,
             inputs=None if self.explicit else torch.cat(self.kept, dim=1),
         )
 
