@@ -16,8 +16,8 @@ from camphive.jobs.common import calibration_batches, checkpoint_metadata, load_
 from camphive.jobs.compare import compare_job
 from camphive.jobs.compare_options import check_plan, parse_list, parse_options
 from camphive.pruning import prune
-from camphive.report import headline
-from camphive.training import evaluate
+from camphive.pruning.core.batchnorm import recalibrate_batchnorm
+from camphive.training import evaluate, train
 
 DATA = {"num_samples": 48, "shape": [1, 8, 8]}
 TINY = dict(model="small-cnn", dataset="synthetic", dataset_options=DATA, dense_epochs=1, finetune_epochs=1,
@@ -47,8 +47,10 @@ def test_compare_writes_results_tables_and_a_self_contained_report(tiny_run):
         assert 0 <= row["pruned"] <= 1 and 0 <= row["finetuned"] <= 1
         assert row["parameters"] < results["dense"]["parameters"]
         assert len(row["finetune_history"]) == 1
-    assert results["headline"] == headline(rows, dense=results["dense"]["accuracy"])
-    assert results["headline"].startswith("At sparsity 0.9, CAMP-HiVe keeps ")
+    dense = results["dense"]
+    assert dense["reference"] == "recalibrated" and dense["reference_accuracy"] == dense["recalibrated"]["accuracy"]
+    assert results["headline"].startswith("At sparsity 0.9, after fine-tuning: CAMP-HiVe ")
+    assert f"dense model {dense['reference_accuracy']:.1%} with BatchNorm re-estimated" in results["headline"]
     assert json.loads((out / "results.json").read_text())["headline"] == results["headline"]
     table = list(csv.DictReader((out / "results.csv").open()))
     assert [line["criterion"] for line in table] == ["camp-hive", "magnitude"] * 2
@@ -117,9 +119,11 @@ def test_compare_from_a_checkpoint_in_structured_mode(tmp_path):
     assert results["dense"]["train"] == {"checkpoint": str(tmp_path / "dense.safetensors")}
     for row in results["rows"]:
         assert row["macs_ratio"] >= 1.9 and row["finetuned"] is None
-        assert row["latency_ms"] > 0 and row["speedup"] > 0 and row["latency_batch"] == 1
+        assert row["latency_after_ms"] > 0 and row["speedup"] > 0 and row["latency_batch"] == 1
         assert row["latency"]["channels_last"] is True and row["latency"]["compiled"] is False
-    assert results["headline"].startswith("At MACs reduction 2x, CAMP-HiVe keeps ")
+        timing = row["latency"]["batch_1"]  # compare_latency's layout, as prune's result.extra["latency"]
+        assert (timing["before_ms"], timing["after_ms"]) == (row["latency_before_ms"], row["latency_after_ms"])
+    assert results["headline"].startswith("At MACs reduction 2x, right after pruning: CAMP-HiVe ")
     page = (tmp_path / "run" / "report.html").read_text()
     assert "speedup" in page and "after fine-tuning" not in page.split("<table>")[1]
 
@@ -176,6 +180,7 @@ def test_parse_list_and_options():
     ("structured", "magnitude", "0.5", "1.0", "must all be > 1"),
     ("unstructured", "magnitude", "0.5,1.0", None, r"must lie in \(0, 1\)"),
     ("sideways", "magnitude", "0.5", None, "unknown --mode"),
+    ("structured", "camp-hive,sparsegpt", None, "2", "'sparsegpt' is not available for structured"),
 ])
 def test_bad_plans_are_refused(mode, criteria, sparsities, ratios, message):
     with pytest.raises(ConfigError, match=message):
@@ -210,12 +215,12 @@ def test_tensorboard_asked_for_but_missing_is_one_clear_line(tmp_path):
     (dict(spectrum_top_k=5, spectrum_max_iter=3), "pass max_iter >= 5"),
 ])
 def test_bad_prune_options_are_refused_before_any_training(tmp_path, monkeypatch, options, message):
-    from camphive.jobs import compare
+    from camphive.jobs import compare_dense
 
     def no_training(*_args, **_kwargs):
         raise AssertionError("trained before the options were checked")
 
-    monkeypatch.setattr(compare, "train", no_training)
+    monkeypatch.setattr(compare_dense, "train", no_training)
     with pytest.raises(ConfigError) as error:
         compare_job(**{**TINY, "out": tmp_path / "run", "criteria": "magnitude,camp-hive", "sparsities": "0.5",
                        **options})
@@ -240,3 +245,40 @@ def test_the_dense_checkpoint_records_the_dataset_options_and_evaluate_uses_them
         compare_job(**{**TINY, "dataset_options": other, "out": tmp_path / "run", "criteria": "magnitude",
                        "sparsities": "0.5"}, checkpoint=out / "dense.safetensors")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_dense_model_with_bad_batchnorm_statistics_is_read_after_the_same_re_estimation(tmp_path):
+    # Pruning re-estimates BatchNorm statistics on the calibration images; a dense model whose statistics are
+    # off (few training steps) must get the same, or every pruned copy looks better than dense.
+    data = {**DATA, "num_samples": 96, "noise": 0.5}
+    splits = load_splits("synthetic", **data)
+    torch.manual_seed(0)
+    model = model_for("small-cnn", splits)
+    train(model, datasets.loader(splits.train, batch_size=16, train=True, seed=0), 3, lr=0.05, device="cpu")
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_var *= 50.0  # every activation squeezed towards its mean
+    save_checkpoint(tmp_path / "dense.safetensors", model, **checkpoint_metadata(splits))
+    settings = dict(TINY, dataset=None, dataset_options=data, finetune_epochs=0, spectrum_top_k=0,
+                    checkpoint=tmp_path / "dense.safetensors", criteria="magnitude,camp-hive", sparsities="0.3")
+    results = compare_job(**settings, out=tmp_path / "run")
+    dense = results["dense"]
+    test = datasets.loader(splits.test, batch_size=256)
+    recalibrated = copy.deepcopy(model)
+    recalibrate_batchnorm(recalibrated, calibration_batches("synthetic", None, 16, 16, 3, **data))
+    assert dense["accuracy"] == evaluate(model, test)["accuracy"] < 0.5  # as trained: the statistics are off
+    assert dense["recalibrated"]["accuracy"] == evaluate(recalibrated, test)["accuracy"] > 0.8
+    assert dense["reference"] == "recalibrated" and dense["reference_accuracy"] == dense["recalibrated"]["accuracy"]
+    text = results["headline"]
+    assert text.startswith("At sparsity 0.3, right after pruning: CAMP-HiVe ") and "keeps" not in text
+    assert (f"dense model {dense['recalibrated']['accuracy']:.1%} with BatchNorm re-estimated on the calibration "
+            f"images, as pruning does ({dense['accuracy']:.1%} as trained)") in text
+    for name in ("report.md", "report.html"):
+        report = html.unescape((tmp_path / "run" / name).read_text())
+        assert text in report and "dense, as trained" in report and "dense, BN re-estimated" in report
+    stored = json.loads((tmp_path / "run" / "results.json").read_text())["dense"]
+    assert stored["recalibrated"]["accuracy"] == dense["recalibrated"]["accuracy"]
+    # Pruning that keeps the statistics is read against the dense model as trained.
+    kept = compare_job(**{**settings, "prune_options": "recalibrate_bn=false"}, out=tmp_path / "kept")
+    assert kept["dense"]["reference"] == "as trained" and kept["dense"]["reference_accuracy"] == dense["accuracy"]
+    assert f"dense model {dense['accuracy']:.1%} as trained" in kept["headline"]

@@ -31,16 +31,16 @@ def _rows(finetuned=True):
 
 def test_headline_compares_the_method_with_the_best_baseline_at_the_hardest_target():
     text = headline(_rows(), dense=0.93)
-    assert text.startswith("At sparsity 0.9, CAMP-HiVe keeps 86.0% accuracy after fine-tuning vs 83.0% for the "
-                           "best baseline (taylor): +3.0 points (dense model: 93.0%).")
-    assert "Right after pruning: 70.0% vs 55.0% for the best baseline (+15.0 points)." in text
+    assert text.startswith("At sparsity 0.9, after fine-tuning: CAMP-HiVe 86.0% top-1 vs 83.0% for the best baseline "
+                           "(taylor), +3.0 points; dense model 93.0%.")
+    assert "Right after pruning: 70.0% vs 55.0% for the best baseline, +15.0 points." in text
     # At 0.5 magnitude wins after fine-tuning (0.92 > 0.91), so the method wins 1 of 2.
     assert text.endswith("CAMP-HiVe is best or tied after fine-tuning at 1 of 2 sparsity values.")
 
 
 def test_headline_without_fine_tuning_uses_accuracy_after_pruning():
     text = headline(_rows(finetuned=False), target_name="MACs reduction", target_text=lambda value: f"{value:g}x")
-    assert text.startswith("At MACs reduction 0.9x, CAMP-HiVe keeps 70.0% accuracy right after pruning vs 55.0%")
+    assert text.startswith("At MACs reduction 0.9x, right after pruning: CAMP-HiVe 70.0% top-1 vs 55.0%")
     assert "2 of 2 MACs reduction values" in text  # ties count (0.90 = 0.90 at 0.5)
 
 
@@ -48,8 +48,20 @@ def test_headline_reports_a_loss_honestly_and_copes_without_the_method():
     rows = [row for row in _rows() if row["target"] == 0.5]
     assert "-1.0 points" in headline(rows)
     others = [row for row in _rows() if row["criterion"] != "camp-hive"]
-    assert headline(others).startswith("At sparsity 0.9, the most accurate criterion after fine-tuning is taylor with 83.0%")
+    assert headline(others).startswith("At sparsity 0.9, after fine-tuning, the most accurate criterion is taylor with "
+                                       "83.0% top-1")
     assert headline([]) == "No pruned model was evaluated."
+
+
+def test_headline_gives_absolute_accuracies_beside_the_dense_reference():
+    # Accuracies are stated as they are, never as a share of dense that could exceed 100 %.
+    rows = [{"criterion": "camp-hive", "target": 0.9, "pruned": 0.961, "finetuned": None},
+            {"criterion": "magnitude", "target": 0.9, "pruned": 0.496, "finetuned": None}]
+    text = headline(rows, dense=1.0, dense_note="with BatchNorm re-estimated (10.2% as trained)")
+    assert text == ("At sparsity 0.9, right after pruning: CAMP-HiVe 96.1% top-1 vs 49.6% for the best baseline "
+                    "(magnitude), +46.5 points; dense model 100.0% with BatchNorm re-estimated (10.2% as trained). "
+                    "CAMP-HiVe is best or tied right after pruning at 1 of 1 sparsity values.")
+    assert "keeps" not in text
 
 
 def test_best_by_target():
@@ -81,6 +93,7 @@ def test_plots_are_png_files(tmp_path):
 def test_display_name():
     assert display_name("camp-hive") == display_name("camphive") == "CAMP-HiVe"
     assert display_name("taylor") == "taylor"
+    assert (display_name("wanda"), display_name("sparsegpt"), display_name("obc")) == ("Wanda", "SparseGPT", "OBC")
 
 
 def test_html_page_is_self_contained_and_escaped(tmp_path):

@@ -17,9 +17,14 @@ METHOD = "camp-hive"
 STAGES = (("pruned", "right after pruning"), ("finetuned", "after fine-tuning"))
 
 
+# Criteria whose authors write their names in capitals; every other criterion is shown as named.
+_PROPER_NAMES = {"camp-hive": "CAMP-HiVe", "camphive": "CAMP-HiVe", "wanda": "Wanda", "sparsegpt": "SparseGPT",
+                 "obc": "OBC"}
+
+
 def display_name(criterion: str) -> str:
-    """How a criterion is written for people: the method's own capitalization, baselines as named."""
-    return "CAMP-HiVe" if criterion.replace("_", "-").lower() in ("camp-hive", "camphive") else criterion
+    """How a criterion is written for people: the methods' own capitalization, the other baselines as named."""
+    return _PROPER_NAMES.get(criterion.replace("_", "-").lower(), criterion)
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
@@ -73,41 +78,42 @@ def best_by_target(rows: Sequence[dict], stage: str) -> dict:
 
 
 def headline(rows: Sequence[dict], *, target_name: str = "sparsity", dense: float | None = None,
-             method: str = METHOD, target_text=None) -> str:
-    """One or two sentences with the main result, computed from ``rows``.
+             dense_note: str = "", method: str = METHOD, target_text=None) -> str:
+    """One or two sentences with the main result, computed from ``rows``, in absolute accuracies.
 
-    At the hardest target (largest sparsity or MACs ratio), the method's accuracy against the
-    best other criterion, after fine-tuning when there was any (and right after pruning too),
-    and at how many targets the method is best. Accuracies are top-1 test accuracy in percent.
+    At the hardest target (largest sparsity or MACs ratio): the method's top-1 test accuracy
+    against the best other criterion's, after fine-tuning when there was any (and right after
+    pruning too), next to the dense model's ``dense`` (the reference; ``dense_note`` follows it,
+    e.g. how it was evaluated); then at how many targets the method is best. Percent, never a
+    ratio of accuracies.
     """
     rows = [row for row in rows if row.get("pruned") is not None]
     if not rows:
         return "No pruned model was evaluated."
     stage = "finetuned" if any(row.get("finetuned") is not None for row in rows) else "pruned"
+    stage_text = dict(STAGES)[stage]
     hardest = max(row["target"] for row in rows)
     at_hardest = [row for row in rows if row["target"] == hardest and row.get(stage) is not None]
     ours = [row for row in at_hardest if row["criterion"] == method]
     others = [row for row in at_hardest if row["criterion"] != method]
-    where = f"At {target_name} {(target_text or _number)(hardest)}"
-    dense_text = f" (dense model: {dense:.1%})" if dense is not None else ""
-    stage_text = "after fine-tuning" if stage == "finetuned" else "right after pruning"
+    where = f"At {target_name} {(target_text or _number)(hardest)}, {stage_text}"
+    dense_text = f"; dense model {dense:.1%}{' ' + dense_note if dense_note else ''}" if dense is not None else ""
     if not ours:
         best = max(at_hardest, key=lambda row: row[stage])
-        return (f"{where}, the most accurate criterion {stage_text} is {display_name(best['criterion'])} with "
-                f"{best[stage]:.1%}{dense_text}; {display_name(method)} was not run.")
+        return (f"{where}, the most accurate criterion is {display_name(best['criterion'])} with {best[stage]:.1%} "
+                f"top-1{dense_text}; {display_name(method)} was not run.")
     mine = ours[0]
     if not others:
-        return f"{where}, {display_name(method)} keeps {mine[stage]:.1%} accuracy {stage_text}{dense_text}."
+        return f"{where}: {display_name(method)} {mine[stage]:.1%} top-1{dense_text}."
     rival = max(others, key=lambda row: row[stage])
-    gap = 100 * (mine[stage] - rival[stage])
-    text = (f"{where}, {display_name(method)} keeps {mine[stage]:.1%} accuracy {stage_text} vs {rival[stage]:.1%} "
-            f"for the best baseline ({display_name(rival['criterion'])}): {gap:+.1f} points{dense_text}.")
+    text = (f"{where}: {display_name(method)} {mine[stage]:.1%} top-1 vs {rival[stage]:.1%} for the best baseline "
+            f"({display_name(rival['criterion'])}), {100 * (mine[stage] - rival[stage]):+.1f} points{dense_text}.")
     if stage == "finetuned":
         before = {row["criterion"]: row["pruned"] for row in rows if row["target"] == hardest}
         rival_before = max((value for name, value in before.items() if name != method), default=None)
         if rival_before is not None and before.get(method) is not None:
-            text += (f" Right after pruning: {before[method]:.1%} vs {rival_before:.1%} for the best baseline "
-                     f"({100 * (before[method] - rival_before):+.1f} points).")
+            text += (f" Right after pruning: {before[method]:.1%} vs {rival_before:.1%} for the best baseline, "
+                     f"{100 * (before[method] - rival_before):+.1f} points.")
     targets = sorted({row["target"] for row in rows})
     wins = _wins(rows, stage, method, targets)
     text += f" {display_name(method)} is best or tied {stage_text} at {wins} of {len(targets)} {target_name} values."
@@ -186,9 +192,10 @@ def _styles(names: Sequence[str], method: str) -> dict[str, dict]:
 
 def accuracy_panels(rows: Sequence[dict], path: str | Path, *, x_label: str = "sparsity",
                     dense: float | None = None, title: str = "", method: str = METHOD,
-                    off_scale: str | None = "random") -> Path:
+                    off_scale: str | None = "random", dense_label: str = "dense") -> Path:
     """Accuracy (%) against ``row["target"]``, one line per criterion: a panel right after
-    pruning and, when any row was fine-tuned, a panel after fine-tuning.
+    pruning and, when any row was fine-tuned, a panel after fine-tuning; ``dense``, the
+    reference, dashed (legend ``dense_label``).
 
     Each panel's y axis spans the criteria other than ``off_scale`` (the random baseline, a
     sanity floor far below the rest once fine-tuned), so the differences that matter stay
@@ -207,7 +214,7 @@ def accuracy_panels(rows: Sequence[dict], path: str | Path, *, x_label: str = "s
             if points:
                 axis.plot(*zip(*points), marker="o", label=display_name(name), **styles[name])
         if dense is not None:
-            axis.axhline(100 * dense, color="black", linestyle="--", linewidth=1, label="dense")
+            axis.axhline(100 * dense, color="black", linestyle="--", linewidth=1, label=dense_label)
         _fit_y(axis, curves, off_scale, dense, styles)
         axis.set_title(label)
         axis.set_xlabel(x_label)

@@ -89,7 +89,7 @@ def _split_top_level(text: str) -> list[str]:
 
 def check_plan(mode: str, criteria, sparsities, macs_ratios) -> tuple[list[str], list[float], str]:
     """Criteria (canonical names), targets and what the targets are, or one ConfigError line."""
-    from camphive.pruning.criteria import ALL_CRITERIA, WEIGHT_CRITERIA, canonical_name
+    from camphive.pruning.criteria import STRUCTURED_CRITERIA, WEIGHT_CRITERIA, canonical_name
 
     if mode not in ("unstructured", "structured"):
         raise ConfigError(f"unknown --mode {mode!r}; use unstructured or structured")
@@ -98,7 +98,7 @@ def check_plan(mode: str, criteria, sparsities, macs_ratios) -> tuple[list[str],
         raise ConfigError("--criteria is empty; name at least one, e.g. camp-hive,magnitude")
     if len(set(criteria)) != len(criteria):
         raise ConfigError(f"--criteria names a criterion twice: {','.join(criteria)}")
-    known = WEIGHT_CRITERIA if mode == "unstructured" else ALL_CRITERIA
+    known = WEIGHT_CRITERIA if mode == "unstructured" else STRUCTURED_CRITERIA
     unknown = [name for name in criteria if name not in known]
     if unknown:
         raise ConfigError(f"criterion {unknown[0]!r} is not available for {mode} pruning; use {', '.join(known)}")

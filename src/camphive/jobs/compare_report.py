@@ -12,6 +12,7 @@ import json
 import yaml
 
 from camphive import report_html as page
+from camphive.measure.latency import LATENCY_COLUMNS
 from camphive.report import (
     METHOD,
     accuracy_panels,
@@ -24,10 +25,11 @@ from camphive.report import (
 )
 from camphive.runs import RunFolder, atomic_write_text
 
+RECALIBRATED = "BatchNorm re-estimated on the calibration images"
+
 CSV_COLUMNS = ["criterion", "target", "sparsity", "parameters", "macs", "macs_ratio", "pruned", "pruned_top5",
-               "pruned_loss", "finetuned", "finetuned_top5", "finetuned_loss", "latency_batch", "dense_latency_ms",
-               "latency_ms", "dense_latency_iqr_ms", "latency_iqr_ms", "speedup", "sharpness_after", "num_hvps",
-               "curvature_seconds", "prune_seconds", "finetune_seconds"]
+               "pruned_loss", "finetuned", "finetuned_top5", "finetuned_loss", *LATENCY_COLUMNS, "sharpness_after",
+               "num_hvps", "curvature_seconds", "prune_seconds", "finetune_seconds"]
 
 
 def _percent(value) -> str:
@@ -51,11 +53,13 @@ def write_reports(run: RunFolder, results: dict) -> tuple[str, list[str]]:
                else "sparsity (fraction of weights removed)")
     if settings["mode"] == "structured" and kind == "sparsity":
         x_label = "sparsity (fraction of channels removed)"
-    text = headline(rows, target_name=target_name, dense=dense["accuracy"], target_text=_target_text(kind))
+    text = headline(rows, target_name=target_name, dense=dense["reference_accuracy"], dense_note=_reference_note(dense),
+                    target_text=_target_text(kind))
     files = ["results.json", "results.csv", "report.md", "report.html"]
     write_csv(rows, run.file("results.csv"), CSV_COLUMNS)
     title = f"{settings['model']} on {settings['dataset']}: {settings['mode']} pruning"
-    accuracy_panels(rows, run.file("accuracy.png"), x_label=x_label, dense=dense["accuracy"], title=title)
+    accuracy_panels(rows, run.file("accuracy.png"), x_label=x_label, dense=dense["reference_accuracy"], title=title,
+                    dense_label="dense, BN re-estimated" if dense["reference"] == "recalibrated" else "dense")
     files.append("accuracy.png")
     layers = _layer_series(rows)
     at_hardest = [row["layer_sparsity"] for row in rows if layers and row["target"] == layers[0] and row.get("layer_sparsity")]
@@ -73,6 +77,16 @@ def write_reports(run: RunFolder, results: dict) -> tuple[str, list[str]]:
     if has_spectrum:
         files.append("convergence.png")
     return text, files
+
+
+def _reference_note(dense: dict) -> str:
+    """How the dense reference was evaluated, with the other evaluation's accuracy, for the headline."""
+    other = dense.get("recalibrated")
+    if other is None:
+        return ""
+    if dense["reference"] == "recalibrated":
+        return f"with {RECALIBRATED}, as pruning does ({dense['accuracy']:.1%} as trained)"
+    return f"as trained ({other['accuracy']:.1%} with {RECALIBRATED}; pruning kept the statistics)"
 
 
 def _yaml(value) -> str:
@@ -107,16 +121,20 @@ SAME_LAYERS = ("Every criterion removed the same fraction of each layer (structu
 
 
 def _display_rows(rows, dense, kind, spectrum) -> list[dict]:
-    """Rows as shown: a dense reference first, then each target's criteria, accuracies in percent."""
+    """Rows as shown: the dense model first (as trained, and with BatchNorm re-estimated as pruning
+    does, when it has BatchNorm), then each target's criteria, accuracies in percent."""
     # The dense model's accuracy sits in both accuracy columns, as the reference to read each column against.
-    shown = [{"criterion": "dense", "target": "–", "sparsity": 0.0, "parameters": dense["parameters"],
-              "macs": dense["macs"], "macs_ratio": 1.0, "pruned": dense["accuracy"], "finetuned": dense["accuracy"],
-              "finetuned_top5": dense.get("top5"), "pruned_top5": dense.get("top5"),
-              "sharpness_after": ((spectrum or {}).get("global", {}).get("eigenvalues") or [None])[0]}]
+    common = {"target": "–", "sparsity": 0.0, "parameters": dense["parameters"], "macs": dense["macs"],
+              "macs_ratio": 1.0, "sharpness_after": ((spectrum or {}).get("global", {}).get("eigenvalues") or [None])[0]}
+    evaluations = [("dense, as trained" if dense.get("recalibrated") else "dense", dense)]
+    if dense.get("recalibrated"):
+        evaluations.append(("dense, BN re-estimated", dense["recalibrated"]))
+    shown = [{**common, "criterion": name, "pruned": metrics["accuracy"], "finetuned": metrics["accuracy"],
+              "pruned_top5": metrics.get("top5"), "finetuned_top5": metrics.get("top5")} for name, metrics in evaluations]
     for row in sorted(rows, key=lambda row: row["target"]):
         shown.append({**row, "target": _target_text(kind)(row["target"]),
-                      "dense_latency_text": _milliseconds(row.get("dense_latency_ms"), row.get("dense_latency_iqr_ms")),
-                      "latency_text": _milliseconds(row.get("latency_ms"), row.get("latency_iqr_ms"))})
+                      "before_text": _milliseconds(row.get("latency_before_ms"), row.get("latency_before_iqr_ms")),
+                      "after_text": _milliseconds(row.get("latency_after_ms"), row.get("latency_after_iqr_ms"))})
     return shown
 
 
@@ -140,10 +158,10 @@ def _columns(rows, mode: str, top5: bool) -> list[tuple[str, str, object]]:
     if top5:  # top-5 says little with 10 classes or fewer
         key = "finetuned_top5" if any(row.get("finetuned_top5") is not None for row in rows) else "pruned_top5"
         columns.append((key, "top-5 %", _percent))
-    if any(row.get("latency_ms") is not None for row in rows):
-        batch = next(row["latency_batch"] for row in rows if row.get("latency_ms") is not None)
-        columns += [("dense_latency_text", f"dense ms (batch {batch}) [IQR]", None),
-                    ("latency_text", f"pruned ms (batch {batch}) [IQR]", None),
+    if any(row.get("latency_after_ms") is not None for row in rows):
+        batch = next(row["latency_batch"] for row in rows if row.get("latency_after_ms") is not None)
+        columns += [("before_text", f"dense ms (batch {batch}) [IQR]", None),
+                    ("after_text", f"pruned ms (batch {batch}) [IQR]", None),
                     ("speedup", "speedup", lambda value: f"{value:.2f}x")]
     if any(row.get("sharpness_after") is not None for row in rows):
         columns.append(("sharpness_after", "top Hessian eigenvalue", lambda value: f"{value:.4g}"))
@@ -165,11 +183,20 @@ def _facts(results) -> list[tuple[str, str]]:
     shape = "x".join(str(size) for size in data["input_shape"])
     return [("data", f"{shape}, {data['num_classes']} classes, {data['train_samples']:,} train / "
                      f"{data['test_samples']:,} test"),
-            ("dense top-1", f"{100 * dense['accuracy']:.2f} %"), ("dense parameters", _count(dense["parameters"])),
+            *_dense_facts(dense), ("dense parameters", _count(dense["parameters"])),
             ("dense MACs / sample", _count(dense["macs"])), ("dense model", source),
             ("calibration", f"{settings['calib_samples']} training images"), ("fine-tuning", budget),
             ("seed", str(settings["seed"])), ("device", results["device"]),
             ("wall time", f"{results['seconds']:.0f} s" + (" (resumed run)" if settings.get("resume") else ""))]
+
+
+def _dense_facts(dense: dict) -> list[tuple[str, str]]:
+    recalibrated = dense.get("recalibrated")
+    if recalibrated is None:
+        return [("dense top-1", f"{100 * dense['accuracy']:.2f} %")]
+    mark = {"recalibrated": ("", " (reference)"), "as trained": (" (reference)", "")}[dense["reference"]]
+    return [("dense top-1 as trained", f"{100 * dense['accuracy']:.2f} %{mark[0]}"),
+            ("dense top-1, BN re-estimated", f"{100 * recalibrated['accuracy']:.2f} %{mark[1]}")]
 
 
 def _spectrum_text(spectrum: dict) -> str:
@@ -179,10 +206,14 @@ def _spectrum_text(spectrum: dict) -> str:
             f"samples): {listed}; {spectrum['num_matvecs']} Hessian-vector products, {spectrum['wall_time_s']:.1f} s.")
 
 
-def _fairness(settings) -> str:
-    return ("Every criterion starts from the same dense weights, reads the same calibration batches, and is "
+def _fairness(settings, dense: dict) -> str:
+    text = ("Every criterion starts from the same dense weights, reads the same calibration batches, and is "
             f"fine-tuned with the same budget, data order and seed ({settings['seed']}); one seed, so differences of "
             "a few tenths of a point may be noise.")
+    if dense.get("recalibrated") is not None and dense["reference"] == "recalibrated":
+        text += (" Pruning re-estimates BatchNorm statistics on the calibration images; the dense reference is the "
+                 "dense model after the same re-estimation (the dense model as trained is listed too).")
+    return text
 
 
 def _table_note(mode: str, rows) -> str:
@@ -190,7 +221,7 @@ def _table_note(mode: str, rows) -> str:
     if mode == "unstructured":
         return note + ("Unstructured pruning keeps the tensor shapes: MACs count non-zero weights only, and dense "
                        "kernels run no faster, so latency is not timed.")
-    if any(row.get("latency_ms") is not None for row in rows):
+    if any(row.get("latency_after_ms") is not None for row in rows):
         return note + ("Structured pruning removes channels. Latency: dense and every pruned model of a target timed "
                        "interleaved on the CPU, median over repeats [interquartile range]; differences inside the "
                        "range are machine noise.")
@@ -200,7 +231,7 @@ def _table_note(mode: str, rows) -> str:
 def _markdown(title, text, results, display, columns, layers, has_spectrum) -> str:
     table_rows = [{key: ("–" if row.get(key) is None else (fmt(row[key]) if fmt else row[key]))
                    for key, _, fmt in columns} for row in display]
-    parts = [f"# {title}\n", f"**{text}**\n", _fairness(results["settings"]) + "\n",
+    parts = [f"# {title}\n", f"**{text}**\n", _fairness(results["settings"], results["dense"]) + "\n",
              "\n".join(f"- {label}: {value}" for label, value in _facts(results)) + "\n",
              markdown_table(table_rows, [(key, header) for key, header, _ in columns]),
              _table_note(results["settings"]["mode"], results["rows"]) + "\n",
@@ -224,10 +255,10 @@ def _html(title, text, results, display, columns, layers, has_spectrum, run: Run
         target = by_label.get(row.get("target"))
         return "best" if key in best and target is not None and best[key].get(target) == row["criterion"] else ""
 
-    blocks = [page.headline(text), page.facts(_facts(results)), page.paragraph(_fairness(settings), "note"),
+    blocks = [page.headline(text), page.facts(_facts(results)), page.paragraph(_fairness(settings, results["dense"]), "note"),
               page.heading("Accuracy"),
               page.figure(run.file("accuracy.png"), "Top-1 test accuracy against the target, right after pruning "
-                          "and after fine-tuning; CAMP-HiVe in thick red, the dense model dashed."),
+                          "and after fine-tuning; CAMP-HiVe in thick red, the dense reference dashed."),
               page.heading("Results"),
               page.table(display, columns, row_class=lambda row: "method" if row["criterion"] == METHOD else "",
                          cell_class=cell_class),
