@@ -236,8 +236,8 @@ def prune_command(
     merge: Optional[str] = typer.Option(None, help="Unstructured: curvature, half, none or least_squares; "
                                         "structured: least_squares, pair or none (default: least_squares for "
                                         "camp-hive, none for baselines).", rich_help_panel=CAMP_HIVE_PANEL),
-    round_to: Optional[int] = typer.Option(None, min=1, help="Keep channel counts in multiples of N; 8 runs "
-                                           "faster on CPUs (default: no rounding).", rich_help_panel=STRUCTURED_PANEL),
+    round_to: Optional[int] = typer.Option(None, min=1, help="Keep channel counts in multiples of N (default: "
+                                           "8 in groups of >= 16 channels; 1: exact).", rich_help_panel=STRUCTURED_PANEL),
     global_pruning: Optional[bool] = typer.Option(None, "--global-pruning", help="Rank channels across layers.",
                                                   rich_help_panel=STRUCTURED_PANEL),
     no_global_pruning: bool = typer.Option(False, "--no-global-pruning", help="Remove the same fraction of every "
