@@ -42,7 +42,7 @@ def gemm_groups(mask: torch.Tensor, m: int) -> torch.Tensor:
     return mask.reshape(mask.shape[0], -1, m)
 
 
-@pytest.mark.parametrize("criterion", ["camp-hive", "magnitude", "taylor", "random", "obd"])
+@pytest.mark.parametrize("criterion", ["camp-hive", "magnitude", "taylor", "random", "obd", "wanda", "sparsegpt", "obc"])
 @pytest.mark.parametrize("pattern", ["2:4", "4:8"])
 def test_pattern_holds_exactly_in_every_group_of_linear_conv_and_grouped_conv(criterion, pattern):
     n, m = map(int, pattern.split(":"))
