@@ -22,7 +22,9 @@ from camphive.pruning import prune
 from camphive.report import markdown_table
 from camphive.training import finetune
 
-CRITERIA = ["camp-hive", "magnitude", "random", "taylor", "obd", "hutchinson"]
+# The classic baselines, then the one-shot peers (Wanda; SparseGPT and OBC solve whole layers), each with its own
+# defaults (Wanda: per-unit selection, no merge; SparseGPT, OBC: uniform per layer, sequential, their own update).
+CRITERIA = ["camp-hive", "magnitude", "random", "taylor", "obd", "hutchinson", "wanda", "sparsegpt", "obc"]
 
 # name -> prune() options; the ablation of METHOD.md §3 and beyond (scores x pairing x merge x cycles).
 # The w²G_jj rows without (γ/σ)² set loss_weighting="none" explicitly: the default became "batchnorm".
@@ -60,6 +62,12 @@ ABLATION = {
     "w²G_jj·(γ/σ)², least squares, 3 cycles, BN recalibrated": dict(criterion="camp-hive", loss_weighting="batchnorm",
                                                                     merge="least_squares", cycles=3,
                                                                     recalibrate_bn=True),
+    # The peers with CAMP-HiVe's allocation instead of their uniform one: layer counts from its global selection
+    # (SparseGPT, OBC), or Wanda's scores compared over all layers.
+    "sparsegpt, global counts": dict(criterion="sparsegpt", selection="global"),
+    "obc, global counts": dict(criterion="obc", selection="global"),
+    "wanda, global selection": dict(criterion="wanda", selection="global"),
+    "wanda, per-layer selection": dict(criterion="wanda", selection="layer"),
 }
 
 
@@ -108,6 +116,8 @@ def main(argv=None) -> None:
     parser.add_argument("--spectrum-top-k", type=int, default=1,
                         help="prune()'s sharpness measurement (two Lanczos runs, counted in 'prune s'); 0 skips it")
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to RESULTS.md")
+    parser.add_argument("--title", default=None, help="RESULTS.md section title before ': <model> on <dataset>' "
+                        "(default: 'Unstructured pruning', or '..., ablation only'); a new title keeps other runs")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -155,7 +165,7 @@ def main(argv=None) -> None:
             body += f"\n### Ablation\n\n{grid_table(ablation, [float(s) for s in args.ablation_sparsities.split(',')])}"
         print(body)
         if not args.no_write:
-            kind = "Unstructured pruning" if results else "Unstructured pruning, ablation only"
+            kind = args.title or ("Unstructured pruning" if results else "Unstructured pruning, ablation only")
             append_results(f"{kind}: {model_name} on {args.dataset}", body)
 
 
