@@ -14,7 +14,7 @@ from camphive.cli import main
 from camphive.errors import ConfigError
 from camphive.jobs.common import calibration_batches, checkpoint_metadata, load_splits, model_for
 from camphive.jobs.compare import compare_job
-from camphive.jobs.compare_options import check_plan, parse_list, parse_options
+from camphive.jobs.compare_options import DEFAULT_CRITERIA, check_plan, parse_list, parse_options
 from camphive.pruning import prune
 from camphive.pruning.core.batchnorm import recalibrate_batchnorm
 from camphive.training import evaluate, train
@@ -185,6 +185,13 @@ def test_parse_list_and_options():
 def test_bad_plans_are_refused(mode, criteria, sparsities, ratios, message):
     with pytest.raises(ConfigError, match=message):
         check_plan(mode, criteria, sparsities, ratios)
+
+
+def test_plan_without_criteria_runs_the_defaults_of_the_mode():
+    unstructured, _, _ = check_plan("unstructured", None, "0.5", None)
+    assert unstructured == list(DEFAULT_CRITERIA["unstructured"]) and {"wanda", "sparsegpt"} <= set(unstructured)
+    structured, _, _ = check_plan("structured", None, None, "2")  # the layer solvers are unstructured only
+    assert structured == list(DEFAULT_CRITERIA["structured"]) and "sparsegpt" not in structured
 
 
 def test_plan_sorts_targets_and_names_criteria_canonically():

@@ -394,9 +394,10 @@ def compare_command(
     test_subset: Optional[int] = typer.Option(None, help="Evaluate on the first N test samples (default: all).",
                                               rich_help_panel=DATA_PANEL),
     num_workers: int = typer.Option(0, min=0, help="DataLoader worker processes.", rich_help_panel=DATA_PANEL),
-    criteria: str = typer.Option("camp-hive,magnitude,taylor,obd,hutchinson,random", show_default=False,
-                                 help="Comma-separated criteria (default: camp-hive, magnitude, taylor, obd, "
-                                 "hutchinson, random).", rich_help_panel=PRUNING_PANEL),
+    criteria: Optional[str] = typer.Option(None, show_default=False, help="Comma-separated criteria (default: "
+                                           "camp-hive, magnitude, wanda, sparsegpt, taylor, obd, hutchinson, "
+                                           "random; structured: without wanda and sparsegpt).",
+                                           rich_help_panel=PRUNING_PANEL),
     sparsities: str = typer.Option("0.5,0.8,0.9", help="Comma-separated sparsities (weights, or channels if "
                                    "structured).", rich_help_panel=PRUNING_PANEL),
     mode: str = typer.Option("unstructured", help="unstructured (masks) or structured (channels removed).",

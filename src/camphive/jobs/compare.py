@@ -29,8 +29,6 @@ from camphive.jobs.compare_report import write_reports
 from camphive.jobs.compare_runs import CriterionRuns
 from camphive.runs import RunFolder, timestamp
 
-DEFAULT_CRITERIA = ("camp-hive", "magnitude", "taylor", "obd", "hutchinson", "random")
-
 
 def compare_job(
     *,
@@ -40,7 +38,7 @@ def compare_job(
     dataset_options=None,
     checkpoint: str | Path | None = None,
     out: str | Path = "runs/compare",
-    criteria=DEFAULT_CRITERIA,
+    criteria=None,
     sparsities=(0.5, 0.8, 0.9),
     mode: str = "unstructured",
     macs_ratios=None,
@@ -82,6 +80,7 @@ def compare_job(
 ) -> dict:
     """Prune one dense model with every criterion at every target; fine-tune, evaluate, report.
 
+    ``criteria``: names (None: :data:`~camphive.jobs.compare_options.DEFAULT_CRITERIA` of the mode).
     ``sparsities`` (or, with ``mode="structured"``, ``macs_ratios``): the targets. ``cycles`` and
     ``camp_hive_options`` go to CAMP-HiVe only, ``prune_options`` to every criterion (see
     :func:`camphive.prune`). ``train_subset`` limits dense training and fine-tuning (N random
