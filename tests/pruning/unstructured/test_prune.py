@@ -144,3 +144,14 @@ def test_a_gpu_model_prunes_with_cpu_calibration_batches_as_on_the_cpu(criterion
     agreement = [(result.masks[name].cpu() == mask).float().mean().item() for name, mask in expected.masks.items()]
     assert min(agreement) >= 0.98, agreement
     assert all(p.device.type == "cuda" for p in on_gpu.parameters())
+
+
+def test_a_layer_whose_inputs_are_all_zero_prunes_without_nan_and_is_not_merged():
+    model = tiny_cnn()
+    with torch.no_grad():  # every ReLU after the first BatchNorm dead: the second conv reads only zeros
+        model[1].running_mean += 1e3
+    before = model[3].weight.detach().clone()
+    result = prune(model, image_batches(), 0.5, recalibrate_bn=False)
+    kept = result.masks["3.weight"]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert torch.equal(model[3].weight[kept], before[kept])  # G = 0: nothing to fold, kept weights unchanged

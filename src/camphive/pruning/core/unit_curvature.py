@@ -64,7 +64,10 @@ class ReconstructionCurvature(UnitCurvature):
         for name, matrix in covariances.items():
             matrix = matrix if matrix.ndim == 3 else matrix.unsqueeze(0)
             diagonal = matrix.diagonal(dim1=-2, dim2=-1)
-            shift = damping * diagonal.mean().clamp_min(torch.finfo(matrix.dtype).tiny)
+            mean = diagonal.mean()
+            # A layer whose inputs are all zero (every ReLU before it dead) has G = 0: damp it by 1, not by a
+            # relative zero, whose inverse overflows to inf and turns the merge into NaN.
+            shift = damping * (mean if mean > torch.finfo(matrix.dtype).eps else torch.ones_like(mean))
             self._matrices[name] = matrix + shift * torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
 
     def names(self) -> list[str]:
