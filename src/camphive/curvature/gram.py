@@ -1,8 +1,8 @@
 """Sums of ``x x^T`` over a layer's input rows (a Linear layer's input vectors, a convolution's im2col
 patches): the statistic behind the reconstruction curvature G of :mod:`camphive.curvature.reconstruction`.
 
-At ImageNet sizes these sums cost more than the rest of pruning, so this module is about speed,
-without changing what is computed:
+They are taken over every calibration image in every pruning cycle, so at ImageNet sizes their
+cost counts; this module is about speed, without changing what is computed:
 
 * Products in float32 (the input's precision, at least float32), each product summing at most
   ``ROW_CHUNK`` rows, the partial sums added in float64 (or the requested ``dtype``). Float64
@@ -21,8 +21,9 @@ without changing what is computed:
 * Other convolutions form at most ``PATCH_CHUNK`` patch entries at a time.
 
 Accuracy against float64 (tests): entries within ~1e-6 of ``sqrt(S_ii S_jj)``, S the sums over the
-whole input; entries of G of nearly dead inputs (zero inside a window, not at its border) can
-carry that absolute error, which the damping of every solve covers.
+whole input (not the window); entries of inputs that are nearly zero inside their window but not at
+its border can carry that absolute error, which the damping of every solve covers. Inputs exactly
+zero in their window get exactly zero rows and columns.
 """
 from __future__ import annotations
 
@@ -41,11 +42,12 @@ class GramSums:
 
     def __init__(self, layer: nn.Module, dtype: torch.dtype = torch.float64) -> None:
         self.layer, self.dtype, self.rows = layer, dtype, 0
-        self.parts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # per padded input size (H, W)
+        self.parts: dict[tuple, dict[str, torch.Tensor]] = {}  # per padded input size (H, W); () if unused
         is_conv = isinstance(layer, (nn.Conv1d, nn.Conv2d))
         self.shifted = is_conv and layer.groups == 1 and all(step == 1 for step in layer.stride)
 
     def add(self, inputs: torch.Tensor) -> None:
+        """Add one batch of the layer's inputs: ``(N, ..., in_features)``, ``(N, C, L)`` or ``(N, C, H, W)``."""
         if isinstance(self.layer, nn.Linear):
             rows = inputs.reshape(-1, inputs.shape[-1])
             self.rows += rows.shape[0]
@@ -208,7 +210,11 @@ def _assemble(sums: dict[str, torch.Tensor], kernel, lines) -> torch.Tensor:
             blocks[a, b:, a, b] = window[0, b:].transpose(-1, -2)
     fan_in = channels * kh * kw
     gram = blocks.permute(4, 0, 1, 5, 2, 3).reshape(1, fan_in, fan_in)
-    gram.diagonal(dim1=1, dim2=2).copy_(sums["diagonal"].reshape(1, fan_in))  # exact, never negative
+    diagonal = sums["diagonal"].reshape(fan_in)
+    gram.diagonal(dim1=1, dim2=2).copy_(diagonal)  # exact, never negative
+    dead = diagonal == 0  # inputs that are zero everywhere in their window: exactly zero rows and columns
+    gram[:, dead] = 0
+    gram[:, :, dead] = 0
     return gram
 
 
