@@ -122,6 +122,22 @@ def test_prune_failing_after_the_folder_is_made_takes_it_back(tmp_path, small_ch
     assert (tmp_path / "a" / "o" / "results.json").is_file()
 
 
+def test_prune_job_refuses_num_batches_before_any_work(tmp_path, small_checkpoint, monkeypatch):
+    """The calibration set is --calib-samples: num_batches among the options is refused by the settings check
+    (which is why prune_job has no code path that reads it)."""
+    from camphive.errors import ConfigError
+    from camphive.jobs import prune
+
+    def no_calibration(*_args, **_kwargs):
+        raise AssertionError("calibration data was read before the options were checked")
+
+    monkeypatch.setattr(prune, "calibration_batches", no_calibration)
+    with pytest.raises(ConfigError, match="num_batches.*--calib-samples"):
+        prune.prune_job(checkpoint=small_checkpoint, sparsity=0.5, criterion="magnitude", calib_samples=8,
+                        device="cpu", out=tmp_path / "o", options={"num_batches": 2})
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("case", ["model", "dataset", "schedule", "wrong_type", "unknown_option"])
 def test_train_option_errors(tmp_path, case):
     args, message = {

@@ -100,8 +100,6 @@ def prune_job(
     resolve_ignored(stored.model, options.get("ignored_layers"))  # a misspelt name fails before any file is written
     seed_everything(seed)
     calib = calibration_batches(dataset, data_root, calib_samples, calib_batch_size, seed, **dataset_options)
-    if options.get("num_batches"):  # limit the whole calibration set before it is shared out
-        calib = calib[: int(options.pop("num_batches"))]
     calib_counts = {"num_batches": len(calib), "num_samples": sum(int(inputs.shape[0]) for inputs, _ in calib)}
     calib = calibration_share(calib)
     test_set = datasets.load(dataset, root=data_root, split="test", **dataset_options)
