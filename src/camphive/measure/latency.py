@@ -115,37 +115,15 @@ def measure_latency(
     same model measured 60 or 85 ms in two processes); benchmarks/structured.py pins the
     allocator (``mallopt``) first, as jemalloc/tcmalloc deployments effectively do.
     """
-    if isinstance(models, nn.Module):
-        models = {"model": models}
-    if not models:
-        raise ConfigError("no models to time; pass a dict {name: model} with at least one model")
-    _check_timing_arguments(batch_sizes, repeats, warmup, threads)
-    if channels_last and len(input_shape) != 3:
-        raise ConfigError(f"channels_last needs image inputs (C, H, W), got input shape {tuple(input_shape)}; "
-                          "time without channels_last")
+    models = _models_to_time(models, input_shape, channels_last, batch_sizes, repeats, warmup, threads)
     names = list(models)
     device = _common_device(models)
     if channels_last:
         models = {name: copy.deepcopy(model).to(memory_format=torch.channels_last) for name, model in models.items()}
     if compiled:
         warmup = max(warmup, 2)
-    synchronize = device.type == "cuda"
-    generator = torch.Generator().manual_seed(seed)
+    make_batch = _random_batches(input_shape, torch.Generator().manual_seed(seed), device, dtype, channels_last)
     previous_threads = torch.get_num_threads()
-
-    def make_runner(name: str, model: nn.Module) -> Callable[[torch.Tensor], None]:
-        forward = _compiled_forward(name, model) if compiled else model
-
-        def run(batch: torch.Tensor) -> None:
-            forward(batch)
-            if synchronize:
-                torch.cuda.synchronize(device)
-        return run
-
-    def make_batch(batch_size: int) -> torch.Tensor:
-        batch = torch.randn((batch_size, *input_shape), generator=generator).to(device=device, dtype=dtype)
-        return batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
-
     with ExitStack() as stack:
         for model in models.values():
             stack.enter_context(eval_mode(model))
@@ -155,12 +133,49 @@ def measure_latency(
             torch.set_num_threads(threads)
         if compiled:  # never time an eager fallback as if it were compiled
             stack.enter_context(torch._dynamo.config.patch(fail_on_recompile_limit_hit=True))
-        results, load = _time_interleaved({name: make_runner(name, models[name]) for name in names}, make_batch,
-                                          batch_sizes, repeats, warmup, target_seconds, min_repeats, max_repeats)
+        runners = {name: _torch_runner(name, models[name], compiled, device) for name in names}
+        results, load = _time_interleaved(runners, make_batch, batch_sizes, repeats, warmup, target_seconds,
+                                          min_repeats, max_repeats)
     return LatencyReport(
         baseline=names[0], device=str(device), threads=threads or previous_threads, warmup=warmup, results=results,
         channels_last=channels_last, compiled=compiled, load_average=load,
     )
+
+
+def _models_to_time(models: Mapping[str, nn.Module] | nn.Module, input_shape: Sequence[int], channels_last: bool,
+                    batch_sizes, repeats, warmup, threads) -> Mapping[str, nn.Module]:
+    """``models`` as a non-empty ``{name: model}`` mapping (one model is ``{"model": model}``), with the
+    timing arguments checked."""
+    if isinstance(models, nn.Module):
+        models = {"model": models}
+    if not models:
+        raise ConfigError("no models to time; pass a dict {name: model} with at least one model")
+    _check_timing_arguments(batch_sizes, repeats, warmup, threads)
+    if channels_last and len(input_shape) != 3:
+        raise ConfigError(f"channels_last needs image inputs (C, H, W), got input shape {tuple(input_shape)}; "
+                          "time without channels_last")
+    return models
+
+
+def _torch_runner(name: str, model: nn.Module, compiled: bool, device: torch.device) -> Callable[[torch.Tensor], None]:
+    """One timed call of ``model`` (compiled if asked), waiting for CUDA to finish it."""
+    forward = _compiled_forward(name, model) if compiled else model
+    synchronize = device.type == "cuda"
+
+    def run(batch: torch.Tensor) -> None:
+        forward(batch)
+        if synchronize:
+            torch.cuda.synchronize(device)
+    return run
+
+
+def _random_batches(input_shape: Sequence[int], generator: torch.Generator, device: torch.device,
+                    dtype: torch.dtype, channels_last: bool) -> Callable[[int], torch.Tensor]:
+    """``make_batch(batch_size)``: random inputs drawn from ``generator``, on ``device`` in ``dtype`` and layout."""
+    def make_batch(batch_size: int) -> torch.Tensor:
+        batch = torch.randn((batch_size, *input_shape), generator=generator).to(device=device, dtype=dtype)
+        return batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
+    return make_batch
 
 
 def compare_latency(
