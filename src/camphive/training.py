@@ -12,7 +12,6 @@ masked after DDP's all-reduce, so every process takes the same step and keeps th
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -26,10 +25,10 @@ from camphive.batches import as_batches
 from camphive.devices import resolve_device
 from camphive.errors import ConfigError, DataError, NumericalError
 from camphive.modules import check_targets, forward_checked
+from camphive.optimizer import make_optimizer, make_scheduler
 from camphive.pruning.unstructured.masks import apply_masks, check_masks, mask_gradients
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-SCHEDULES = ("cosine", "step", "constant")
 
 
 @dataclass
@@ -69,42 +68,6 @@ def default_loss(label_smoothing: float = 0.0) -> LossFn:
     return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
 
-def make_optimizer(model: nn.Module, lr: float, momentum: float, nesterov: bool, weight_decay: float,
-                   decay_norm_and_bias: bool = False) -> torch.optim.Optimizer:
-    """SGD; by default BatchNorm parameters and biases get no weight decay (common practice)."""
-    if lr <= 0:
-        raise ConfigError(f"learning rate must be positive, got {lr}")
-    decay, no_decay = [], []
-    for parameter in model.parameters():
-        if not parameter.requires_grad:
-            continue
-        (decay if parameter.ndim > 1 or decay_norm_and_bias else no_decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
-
-
-def make_scheduler(optimizer, schedule: str, total_steps: int, milestones=None, gamma: float = 0.1,
-                   warmup_steps: int = 0):
-    """A per-step LambdaLR: cosine to zero, step decay at epoch-fraction milestones, or constant."""
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
-    milestones = [0.5, 0.75] if milestones is None else list(milestones)
-
-    def factor(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress_fraction = min(step / max(total_steps, 1), 1.0)
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress_fraction))
-        if schedule == "step":
-            return gamma ** sum(progress_fraction >= m for m in milestones)
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def _seed_epoch(data, seed: int, epoch: int, rank: int = 0) -> None:
     """Make shuffling and augmentation of an epoch depend only on (seed, epoch), so resume is exact.
 
@@ -121,7 +84,7 @@ def _seed_epoch(data, seed: int, epoch: int, rank: int = 0) -> None:
         sampler.set_epoch(epoch)
 
 
-def train(  # noqa: C901 - the training loop with DDP, AMP, resume and masks; split next
+def train(
     model: nn.Module,
     train_data,
     epochs: int,
@@ -168,6 +131,58 @@ def train(  # noqa: C901 - the training loop with DDP, AMP, resume and masks; sp
     if epochs < 0:
         raise ConfigError(f"epochs must be >= 0, got {epochs}")
     distributed = dist_tools.resolve(distributed)
+    device, masks = _place(model, masks, device, distributed)
+    batches, steps_per_epoch, step_limit = _epoch_batches(train_data, batch_size, seed, distributed)
+    loss_fn = loss_fn or default_loss(label_smoothing)
+    optimizer = make_optimizer(model, lr, momentum, nesterov, weight_decay)
+    scheduler = make_scheduler(optimizer, schedule, epochs * steps_per_epoch, milestones, gamma,
+                               warmup_steps=int(warmup_epochs * steps_per_epoch))
+    result = TrainResult(epochs=epochs)
+    start_epoch = _resume(state, optimizer, scheduler, result)
+    loop = _Loop(model=model, network=dist_tools.wrap_model(model, device) if distributed else model, batches=batches,
+                 device=device, masks=masks, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler, epochs=epochs,
+                 steps_per_epoch=steps_per_epoch, step_limit=step_limit, use_amp=amp and device.type == "cuda",
+                 max_grad_norm=max_grad_norm, on_step=on_step)
+    started = time.perf_counter()
+    for epoch in range(start_epoch, epochs):
+        _seed_epoch(batches, seed, epoch, dist_tools.rank() if distributed else 0)
+        model.train()
+        epoch_start = time.perf_counter()
+        record = _epoch_record(loop, epoch, _train_epoch(loop, epoch), epoch_start, distributed)
+        if eval_data is not None:
+            metrics = evaluate(model, eval_data, loss_fn=loss_fn, device=device, distributed=distributed)
+            record.test_accuracy, record.test_loss = metrics["accuracy"], metrics["loss"]
+        result.history.append(record)
+        if on_epoch_end is not None:
+            on_epoch_end(record, _snapshot(loop, epoch, result.history))
+    result.seconds = time.perf_counter() - started
+    if result.history:
+        result.final = asdict(result.history[-1])
+    return result
+
+
+@dataclass
+class _Loop:
+    """What every training step of one ``train`` call uses; ``masks`` may change (``on_step``)."""
+
+    model: nn.Module
+    network: nn.Module  # the model, or its DistributedDataParallel wrapper
+    batches: object
+    device: torch.device
+    masks: Mapping[str, torch.Tensor] | None
+    loss_fn: LossFn
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    epochs: int
+    steps_per_epoch: int
+    step_limit: int | None  # under DDP: the fewest steps of any process
+    use_amp: bool
+    max_grad_norm: float | None
+    on_step: Callable[[int, int], Mapping[str, torch.Tensor] | None] | None
+
+
+def _place(model: nn.Module, masks, device, distributed: bool):
+    """``model`` moved to the (process's) device with ``masks`` there and applied; the device and the masks."""
     device = resolve_device(device)
     if distributed:
         device = dist_tools.process_device(device)
@@ -176,6 +191,28 @@ def train(  # noqa: C901 - the training loop with DDP, AMP, resume and masks; sp
         check_masks(model, masks)
         masks = {name: mask.to(device) for name, mask in masks.items()}
         apply_masks(model, masks)
+    return device, masks
+
+
+def _resume(state: TrainState | None, optimizer, scheduler, result: TrainResult) -> int:
+    """Load a resumed run's optimizer, scheduler and history; the epoch to start from (0 for a new run)."""
+    if state is None:
+        return 0
+    optimizer.load_state_dict(state.optimizer)
+    scheduler.load_state_dict(state.scheduler)
+    result.history = [EpochRecord(**record) for record in state.history]
+    return state.epoch
+
+
+def _snapshot(loop: _Loop, epoch: int, history: list[EpochRecord]) -> TrainState:
+    """The state after ``epoch``, copied: state_dict() shares the live momentum buffers."""
+    return TrainState(epoch=epoch + 1, optimizer=copy.deepcopy(loop.optimizer.state_dict()),
+                      scheduler=copy.deepcopy(loop.scheduler.state_dict()),
+                      history=[asdict(record) for record in history])
+
+
+def _epoch_batches(train_data, batch_size: int, seed: int, distributed: bool):
+    """The batches of an epoch (this process's shard under DDP), the steps per epoch and the step limit."""
     batches = as_batches(train_data, batch_size=batch_size, shuffle=True, seed=seed)
     step_limit = None
     if distributed:
@@ -188,82 +225,71 @@ def train(  # noqa: C901 - the training loop with DDP, AMP, resume and masks; sp
         steps_per_epoch = 1
     if steps_per_epoch == 0:
         raise DataError("the training data is empty; pass at least one (inputs, targets) batch")
-    loss_fn = loss_fn or default_loss(label_smoothing)
-    optimizer = make_optimizer(model, lr, momentum, nesterov, weight_decay)
-    scheduler = make_scheduler(optimizer, schedule, epochs * steps_per_epoch, milestones, gamma,
-                               warmup_steps=int(warmup_epochs * steps_per_epoch))
-    result = TrainResult(epochs=epochs)
-    start_epoch = 0
-    if state is not None:
-        optimizer.load_state_dict(state.optimizer)
-        scheduler.load_state_dict(state.scheduler)
-        start_epoch = state.epoch
-        result.history = [EpochRecord(**record) for record in state.history]
-    use_amp = amp and device.type == "cuda"
-    network = dist_tools.wrap_model(model, device) if distributed else model
-    started = time.perf_counter()
-    for epoch in range(start_epoch, epochs):
-        _seed_epoch(batches, seed, epoch, dist_tools.rank() if distributed else 0)
-        model.train()
-        epoch_start = time.perf_counter()
-        total_loss, correct, seen = 0.0, 0, 0
-        for step, (inputs, targets) in enumerate(progress.track(batches, f"epoch {epoch + 1}/{epochs}")):
-            if step_limit is not None and step >= step_limit:
-                break
-            if on_step is not None:
-                masks = _step_masks(model, on_step(epoch * steps_per_epoch + step, epochs * steps_per_epoch), masks,
-                                    device)
-            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            if inputs.shape[0] < 2 and _has_batchnorm(model):
-                continue  # BatchNorm cannot normalise a single sample in training mode
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                outputs = forward_checked(network, inputs, f"epoch {epoch + 1} batch {step}") if step == 0 else network(inputs)
-                if step == 0:
-                    check_targets(targets, outputs.shape[-1], "the training data")
-                loss = loss_fn(outputs.float(), targets)
-            if not torch.isfinite(loss):
-                raise NumericalError(
-                    f"training loss is {loss.item()} at epoch {epoch + 1}, batch {step}; "
-                    "lower the learning rate (--lr) or check the data for NaN/inf"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # under DDP the gradients are all-reduced when this returns
-            mask_gradients(model, masks)
-            if max_grad_norm:
-                nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-            optimizer.step()
-            apply_masks(model, masks)
-            scheduler.step()
-            total_loss += loss.item() * inputs.shape[0]
-            if outputs.ndim == 2 and not targets.dtype.is_floating_point:
-                correct += int((outputs.argmax(1) == targets).sum())
-            seen += inputs.shape[0]
-        if distributed:
-            total_loss, correct, seen = dist_tools.all_reduce_numbers([total_loss, correct, seen])
-            correct, seen = int(correct), int(seen)
-            # Each process updated its BatchNorm statistics with its own last batch: keep rank 0's,
-            # so every process holds the model that rank 0 saves.
-            dist_tools.broadcast_buffers(model)
-        record = EpochRecord(
-            epoch=epoch + 1,
-            train_loss=total_loss / max(seen, 1),
-            train_accuracy=correct / max(seen, 1),
-            learning_rate=optimizer.param_groups[0]["lr"],
-            seconds=time.perf_counter() - epoch_start,
+    return batches, steps_per_epoch, step_limit
+
+
+def _train_epoch(loop: _Loop, epoch: int) -> tuple[float, int, int]:
+    """One epoch of training steps; this process's summed loss, correct predictions and samples."""
+    total_loss, correct, seen = 0.0, 0, 0
+    total_steps = loop.epochs * loop.steps_per_epoch
+    for step, (inputs, targets) in enumerate(progress.track(loop.batches, f"epoch {epoch + 1}/{loop.epochs}")):
+        if loop.step_limit is not None and step >= loop.step_limit:
+            break
+        if loop.on_step is not None:
+            loop.masks = _step_masks(loop.model, loop.on_step(epoch * loop.steps_per_epoch + step, total_steps),
+                                     loop.masks, loop.device)
+        inputs, targets = inputs.to(loop.device, non_blocking=True), targets.to(loop.device, non_blocking=True)
+        if inputs.shape[0] < 2 and _has_batchnorm(loop.model):
+            continue  # BatchNorm cannot normalise a single sample in training mode
+        outputs, loss = _train_step(loop, inputs, targets, epoch, step)
+        total_loss += loss.item() * inputs.shape[0]
+        if outputs.ndim == 2 and not targets.dtype.is_floating_point:
+            correct += int((outputs.argmax(1) == targets).sum())
+        seen += inputs.shape[0]
+    return total_loss, correct, seen
+
+
+def _train_step(loop: _Loop, inputs: torch.Tensor, targets: torch.Tensor, epoch: int, step: int):
+    """Forward, backward and one masked SGD step; the outputs and the loss."""
+    network = loop.network
+    with torch.autocast(loop.device.type, dtype=torch.bfloat16, enabled=loop.use_amp):
+        outputs = forward_checked(network, inputs, f"epoch {epoch + 1} batch {step}") if step == 0 else network(inputs)
+        if step == 0:
+            check_targets(targets, outputs.shape[-1], "the training data")
+        loss = loop.loss_fn(outputs.float(), targets)
+    if not torch.isfinite(loss):
+        raise NumericalError(
+            f"training loss is {loss.item()} at epoch {epoch + 1}, batch {step}; "
+            "lower the learning rate (--lr) or check the data for NaN/inf"
         )
-        if eval_data is not None:
-            metrics = evaluate(model, eval_data, loss_fn=loss_fn, device=device, distributed=distributed)
-            record.test_accuracy, record.test_loss = metrics["accuracy"], metrics["loss"]
-        result.history.append(record)
-        if on_epoch_end is not None:
-            # A snapshot: state_dict() shares the live momentum buffers.
-            on_epoch_end(record, TrainState(epoch=epoch + 1, optimizer=copy.deepcopy(optimizer.state_dict()),
-                                            scheduler=copy.deepcopy(scheduler.state_dict()),
-                                            history=[asdict(r) for r in result.history]))
-    result.seconds = time.perf_counter() - started
-    if result.history:
-        result.final = asdict(result.history[-1])
-    return result
+    loop.optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # under DDP the gradients are all-reduced when this returns
+    mask_gradients(loop.model, loop.masks)
+    if loop.max_grad_norm:
+        nn.utils.clip_grad_norm_(loop.model.parameters(), loop.max_grad_norm)
+    loop.optimizer.step()
+    apply_masks(loop.model, loop.masks)
+    loop.scheduler.step()
+    return outputs, loss
+
+
+def _epoch_record(loop: _Loop, epoch: int, totals: tuple[float, int, int], epoch_start: float,
+                  distributed: bool) -> EpochRecord:
+    """The epoch's record, its loss and accuracy over all processes."""
+    total_loss, correct, seen = totals
+    if distributed:
+        total_loss, correct, seen = dist_tools.all_reduce_numbers([total_loss, correct, seen])
+        correct, seen = int(correct), int(seen)
+        # Each process updated its BatchNorm statistics with its own last batch: keep rank 0's,
+        # so every process holds the model that rank 0 saves.
+        dist_tools.broadcast_buffers(loop.model)
+    return EpochRecord(
+        epoch=epoch + 1,
+        train_loss=total_loss / max(seen, 1),
+        train_accuracy=correct / max(seen, 1),
+        learning_rate=loop.optimizer.param_groups[0]["lr"],
+        seconds=time.perf_counter() - epoch_start,
+    )
 
 
 def finetune(model: nn.Module, train_data, epochs: int, masks: Mapping[str, torch.Tensor] | None = None,
