@@ -5,7 +5,9 @@ UnstructuredSettings` and :class:`~camphive.pruning.structured.settings.Structur
 their own. ``None`` in an option means "the measured default for this criterion", resolved here,
 so a settings object always says exactly what a run does (``to_dict()`` is the run's config).
 Every rule about a valid value lives in the settings class that owns the option: a newcomer
-finds where an option is checked and used by following its name.
+finds where an option is checked and used by following its name. A field's ``metadata`` is its
+``camphive prune`` option's help and --help panel: the command line is generated from the fields
+(:mod:`camphive.cli.settings_options` says which metadata keys it reads).
 """
 from __future__ import annotations
 
@@ -32,19 +34,37 @@ class PruneSettings:
     random choice.
     """
 
-    criterion: object = "camp-hive"
-    cycles: int | None = None
-    merge: str | None = None
-    pairing: str | None = None
-    damping: float = 0.01
-    recalibrate_bn: bool | None = None
-    ignored_layers: object = None
+    criterion: object = dataclasses.field(default="camp-hive", metadata={
+        "help": "camp-hive, magnitude, random, taylor, obd, hutchinson, wanda; unstructured also sparsegpt, obc; "
+                "structured also tp-magnitude, tp-taylor, tp-hessian", "panel": "Pruning"})
+    cycles: int | None = dataclasses.field(default=None, metadata={
+        "help": "Pruning rounds, curvature re-estimated in each", "default": "3 for camp-hive unstructured, else 1",
+        "min": 1, "panel": "Pruning"})
+    merge: str | None = dataclasses.field(default=None, metadata={
+        "help": "Unstructured: curvature, half, none or least_squares; structured: least_squares, pair or none",
+        "default": "least_squares for camp-hive, none for baselines", "panel": "CAMP-HiVe"})
+    pairing: str | None = dataclasses.field(default=None, metadata={
+        "help": "cyclic or coupled", "default": "coupled", "panel": "CAMP-HiVe"})
+    damping: float = dataclasses.field(default=0.01, metadata={
+        "help": "Curvature damping, a fraction of the mean diagonal", "panel": "CAMP-HiVe"})
+    recalibrate_bn: bool | None = dataclasses.field(default=None, metadata={
+        "help": "Re-estimate BatchNorm statistics on the calibration images after each cycle", "default": True,
+        "off_help": "Keep the BatchNorm statistics", "panel": "Pruning"})
+    ignored_layers: object = dataclasses.field(default=None, metadata={
+        "help": "Comma-separated module names to leave unpruned", "default": "", "items": str, "panel": "Pruning"})
     num_batches: int | None = None
     seed: int = 0
-    score: str | None = None
-    curvature: str | None = None
-    loss_weighting: str | None = None
-    first_order_weight: float = 0.0
+    score: str | None = dataclasses.field(default=None, metadata={
+        "help": "Weight score: diagonal, obs, diag_lowrank or hv_product", "default": "diagonal", "panel": "CAMP-HiVe"})
+    curvature: str | None = dataclasses.field(default=None, metadata={
+        "help": "reconstruction (layer Gram) or loss (Hessian eigenpairs)", "default": "reconstruction",
+        "panel": "CAMP-HiVe"})
+    loss_weighting: str | None = dataclasses.field(default=None, metadata={
+        "help": "none, unit, layer or batchnorm", "default": "batchnorm for reconstruction diagonal/obs scores, else none",
+        "panel": "CAMP-HiVe"})
+    first_order_weight: float = dataclasses.field(default=0.0, metadata={
+        "help": "Adds this multiple of |gradient x weight| (first-order Taylor) to the weight scores",
+        "panel": "CAMP-HiVe"})
 
     mode = "any"
 

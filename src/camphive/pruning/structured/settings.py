@@ -1,7 +1,7 @@
 """Settings of structured pruning (whole channels removed), checked on construction."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from camphive.errors import ConfigError
 from camphive.pruning.core.settings import PruneSettings, check_choice
@@ -39,22 +39,47 @@ class StructuredSettings(PruneSettings):
     ``latency_channels_last``; compiled by torch.compile with ``latency_compiled``).
     """
 
-    sparsity: float | None = None
-    target_macs_ratio: float | None = None
-    global_pruning: bool = False
-    round_to: int | None = None
-    round_min_group: int | None = None
-    min_channels: int | float = 1
-    channel_score: str | None = None
-    beta_from: str | None = None
-    flatten_fit: str | None = None
-    intercept: bool | None = None
-    measure_latency: bool = True
-    latency_batch_sizes: tuple = (1, 64)
-    latency_threads: int | None = None
-    latency_seconds: float = 1.0
-    latency_channels_last: bool = False
-    latency_compiled: bool = False
+    sparsity: float | None = None  # its --sparsity help: UnstructuredSettings.sparsity (one option, both modes)
+    target_macs_ratio: float | None = field(default=None, metadata={
+        "help": "Structured: MACs reduction to reach instead of a sparsity, e.g. 2.0", "default": "", "panel": "Pruning"})
+    global_pruning: bool = field(default=False, metadata={
+        "help": "Rank channels across layers", "off_help": "Remove the same fraction of every layer",
+        "panel": "Structured"})
+    round_to: int | None = field(default=None, metadata={
+        "help": "Keep channel counts in multiples of N (1: exact)", "default": "8 in groups of >= 16 channels",
+        "min": 1, "panel": "Structured"})
+    round_min_group: int | None = field(default=None, metadata={
+        "help": "Round only groups of at least N channels", "default": "16 with the default --round-to, else 0",
+        "panel": "Structured"})
+    min_channels: int | float = field(default=1, metadata={
+        "help": "Channels every layer keeps: a count, or a fraction if < 1", "panel": "Structured"})
+    channel_score: str | None = field(default=None, metadata={
+        "help": "Channel score: greedy_obs, obs (camp-hive) or summed",
+        "default": "greedy_obs for camp-hive, else summed", "panel": "Structured"})
+    beta_from: str | None = field(default=None, metadata={
+        "help": "--merge pair: coefficients from activations or weights", "default": "activations",
+        "panel": "Structured"})
+    flatten_fit: str | None = field(default=None, metadata={
+        "help": "Least-squares merge into a linear layer after a flatten: shared or per_position",
+        "default": "shared", "panel": "Structured"})
+    intercept: bool | None = field(default=None, metadata={
+        "help": "Add a constant to the least-squares merge", "default": False,
+        "off_help": "Fit without a constant", "panel": "Structured"})
+    measure_latency: bool = field(default=True, metadata={
+        "help": "Time the model before and after pruning", "off_help": "Skip the timing",
+        "panel": "Latency (structured)"})
+    latency_batch_sizes: tuple = field(default=(1, 64), metadata={
+        "help": "Comma-separated batch sizes to time", "items": int, "panel": "Latency (structured)"})
+    latency_threads: int | None = field(default=None, metadata={
+        "help": "Threads while timing", "default": "torch's current number", "panel": "Latency (structured)"})
+    latency_seconds: float = field(default=1.0, metadata={
+        "help": "About this long per batch size", "panel": "Latency (structured)"})
+    latency_channels_last: bool = field(default=False, metadata={
+        "help": "Time the models in the NHWC layout (usually faster on CPUs)",
+        "off_help": "Time them in the NCHW layout", "panel": "Latency (structured)"})
+    latency_compiled: bool = field(default=False, metadata={
+        "help": "Time the models compiled by torch.compile (adds compile time; needs a C++ compiler)",
+        "off_help": "Time them uncompiled", "panel": "Latency (structured)"})
 
     mode = "structured"
 

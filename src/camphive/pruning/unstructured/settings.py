@@ -1,7 +1,7 @@
 """Settings of unstructured pruning (single weights masked), checked on construction."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from camphive.curvature.eigen import EIGEN_METHODS
 from camphive.errors import ConfigError
@@ -45,20 +45,37 @@ class UnstructuredSettings(PruneSettings):
     and may be omitted; layers the pattern does not fit stay dense; ``selection`` and ``min_keep`` do not apply.
     """
 
-    sparsity: float | None = None
-    scope: str = "global"
-    selection: str | None = None
-    schedule: str = "linear"
-    top_k: int = 8
-    min_keep: float | int = 0.01
-    clip: float = 2.0
-    recovery_steps: int = 0
-    recovery_lr: float = 1e-3
-    eigen_method: str = "lanczos"
-    hutchinson_probes: int = 16
-    loss_diagonal: str = "fisher"
-    spectrum_top_k: int = 0
-    pattern: str | None = None
+    sparsity: float | None = field(default=None, metadata={
+        "help": "Fraction of the weights (unstructured) or channels (structured) to remove", "default": "",
+        "panel": "Pruning"})
+    scope: str = field(default="global", metadata={
+        "help": "Loss Hessian: global or layer blocks", "panel": "CAMP-HiVe"})
+    selection: str | None = field(default=None, metadata={
+        "help": "global, layer or unit thresholds", "default": "unit for wanda, layer for sparsegpt and obc, else global",
+        "panel": "Pruning"})
+    schedule: str = field(default="linear", metadata={
+        "help": "How the target grows over the cycles: linear, cubic or constant; camphive prune also takes gradual: "
+                "prune during fine-tuning, on the cubic schedule", "panel": "Pruning"})
+    top_k: int = field(default=8, metadata={"help": "Loss-Hessian eigenpairs", "min": 1, "panel": "CAMP-HiVe"})
+    min_keep: float | int = field(default=0.01, metadata={
+        "help": "Weights every layer keeps: a fraction (< 1) or a count", "panel": "Pruning"})
+    clip: float = field(default=2.0, metadata={
+        "help": "Bound of the pair-merge coefficients (merge curvature)", "panel": "CAMP-HiVe"})
+    recovery_steps: int = field(default=0, metadata={
+        "help": "Masked SGD steps on the calibration images after each cycle", "panel": "Pruning"})
+    recovery_lr: float = field(default=1e-3, metadata={"help": "Learning rate of the recovery steps", "panel": "Pruning"})
+    eigen_method: str = field(default="lanczos", metadata={
+        "help": "Solver of the loss-Hessian eigenpairs: lanczos, power or eigsh", "panel": "CAMP-HiVe"})
+    hutchinson_probes: int = field(default=16, metadata={
+        "help": "Probes of Hutchinson's loss-Hessian diagonal", "panel": "CAMP-HiVe"})
+    loss_diagonal: str = field(default="fisher", metadata={
+        "help": "Loss diagonal of --loss-weighting unit or layer: fisher or hutchinson", "panel": "CAMP-HiVe"})
+    spectrum_top_k: int = field(default=0, metadata={
+        "help": "Top loss-Hessian eigenvalues measured before and after pruning, a sharpness report (0: skip; "
+                "costs Hessian-vector products over the calibration set)", "panel": "Output"})
+    pattern: str | None = field(default=None, metadata={
+        "help": "Unstructured N:M sparsity, e.g. 2:4 (sparse tensor cores): N of every M consecutive inputs pruned "
+                "per output unit; the sparsity is N/M", "default": "", "panel": "Pruning"})
 
     mode = "unstructured"
 
