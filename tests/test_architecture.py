@@ -1,4 +1,5 @@
-"""The import graph a newcomer relies on: no cycles, and nothing below pruning reaches up the flow."""
+"""The import graph a newcomer relies on: no cycles, nothing below pruning reaches up the flow, and
+modules and functions short enough to read."""
 import ast
 import pathlib
 import sys
@@ -72,3 +73,21 @@ def test_pruning_and_curvature_never_import_up_the_flow():
         if name.startswith(("camphive.pruning", "camphive.curvature")):
             reached = sorted(target for target in _imports(path, modules) if target.startswith(upward))
             assert reached == [], f"{name} imports {reached}"
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 80
+
+
+def test_modules_and_functions_stay_short_enough_to_read():
+    """No module under src/camphive over 400 lines, no function (its def line to its last line) over 80."""
+    too_long = []
+    for name, path in sorted(_modules().items()):
+        text = path.read_text()
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            too_long.append(f"module {name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    too_long.append(f"function {name}.{node.name} (line {node.lineno}): {lines} lines")
+    assert too_long == [], "split these into well-named parts:\n" + "\n".join(too_long)
