@@ -44,3 +44,12 @@ def test_unstructured_cycles_report_to_on_cycle_end_with_their_masks():
     assert [cycle for cycle, _ in seen] == [1, 2, 3]
     for name, mask in seen[-1][1].items():
         assert torch.equal(mask, result.masks[name])
+
+
+def test_cycles_and_calibration_statistics_log_their_progress(caplog):
+    with caplog.at_level("INFO", logger="camphive.pruning"):
+        prune(tiny_cnn(), image_batches(), 0.6, cycles=2)
+    messages = [record.getMessage() for record in caplog.records if record.name == "camphive.pruning"]
+    assert any(message.startswith("cycle 1/2: target") for message in messages)
+    assert any(message.startswith("cycle 2/2: done in") for message in messages)
+    assert any(message.startswith("cycle 1: covariances took") for message in messages)

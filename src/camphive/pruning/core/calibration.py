@@ -7,6 +7,7 @@ vector products, seconds) is recorded for the report.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 
@@ -21,6 +22,8 @@ from camphive.curvature.reconstruction import layer_input_covariances
 from camphive.errors import NumericalError
 from camphive.pruning.core.output_scale import batchnorm_output_scale, normalizing_batchnorms
 from camphive.pruning.core.unit_curvature import LowRankLossCurvature, ReconstructionCurvature, unit_matrix
+
+log = logging.getLogger("camphive.pruning")
 
 
 class CalibrationInfo:
@@ -44,8 +47,10 @@ class CalibrationInfo:
     def _timed(self, key: str, compute):
         if key not in self._cache:
             started = time.perf_counter()
+            log.info("cycle %d: computing %s", self.cycle + 1, key)
             self._cache[key] = compute()
             self.seconds[key] = time.perf_counter() - started
+            log.info("cycle %d: %s took %.1f s", self.cycle + 1, key, self.seconds[key])
         return self._cache[key]
 
     def weights(self) -> dict[str, nn.Parameter]:

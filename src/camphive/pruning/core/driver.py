@@ -11,9 +11,15 @@ Interruptions: ``on_cycle_end(cycle, state, record)`` is called after every comp
 (counted from 1) with the mode's state (unstructured: the masks; structured: the kept channel
 counts); a run stopped after cycle k continues exactly with ``start_cycle=k`` on the model
 saved at that point (and, unstructured, ``masks=<those masks>``).
+
+Progress: every cycle logs its start, the end of its scoring, selection and merge, and its end,
+with seconds, on the ``camphive.pruning`` logger at INFO (silent unless the caller configures
+logging, e.g. ``logging.basicConfig(level=logging.INFO)``); calibration statistics log their
+seconds there too (:class:`~camphive.pruning.core.calibration.CalibrationInfo`).
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -23,6 +29,8 @@ from torch import nn
 from camphive.errors import NumericalError
 from camphive.pruning.core.batchnorm import recalibrate_batchnorm
 from camphive.pruning.core.calibration import CalibrationInfo
+
+log = logging.getLogger("camphive.pruning")
 
 
 @dataclass
@@ -77,14 +85,18 @@ def run_cycles(model: nn.Module, batches: list, mode: PruningMode, *, loss_fn=No
     calibration = {"damping": settings.damping, "seed": settings.seed,
                    **{key: getattr(settings, key) for key in ("top_k", "scope", "eigen_method", "hutchinson_probes",
                                                               "loss_diagonal") if hasattr(settings, key)}}
-    for cycle, target in enumerate(mode.targets()):
+    targets = mode.targets()
+    for cycle, target in enumerate(targets):
         if cycle < start_cycle:
             continue
         started = time.perf_counter()
+        where = f"cycle {cycle + 1}/{len(targets)}"
+        log.info("%s: target %s", where, target)
         info = CalibrationInfo(model, batches, mode.calibrated_parameters(), loss_fn=loss_fn, cycle=cycle,
                                settings=calibration)
         try:
             outcome = mode.run_cycle(cycle, target, info)
+            log.info("%s: scored, selected and merged after %.1f s", where, time.perf_counter() - started)
             check_finite(model, f"cycle {cycle + 1}")
             if settings.recalibrate_bn and outcome.changed:  # nothing removed: the model stays exactly as it was
                 recalibrate_batchnorm(model, batches, reduce_over_processes=True)  # batches: this process's share
@@ -97,6 +109,7 @@ def run_cycles(model: nn.Module, batches: list, mode: PruningMode, *, loss_fn=No
         history.eigenvalues = report["eigenvalues"] or history.eigenvalues
         history.cycles.append({"cycle": cycle + 1, **outcome.record, "seconds": time.perf_counter() - started,
                                **report})
+        log.info("%s: done in %.1f s", where, time.perf_counter() - started)
         if on_cycle_end is not None:
             on_cycle_end(cycle + 1, mode.state(), history.cycles[-1])
     return history
