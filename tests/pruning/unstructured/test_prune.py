@@ -155,3 +155,38 @@ def test_a_layer_whose_inputs_are_all_zero_prunes_without_nan_and_is_not_merged(
     kept = result.masks["3.weight"]
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert torch.equal(model[3].weight[kept], before[kept])  # G = 0: nothing to fold, kept weights unchanged
+
+
+def _layer_output_error(before: nn.Module, after: nn.Module, batches) -> float:
+    with torch.no_grad():
+        return sum(float(((before(inputs) - after(inputs)) ** 2).sum()) for inputs, _ in batches)
+
+
+def test_greedy_unit_selection_keeps_the_counts_and_reconstructs_better_than_scores():
+    torch.manual_seed(0)
+    layer = nn.Linear(24, 6, bias=False).double()
+    generator = torch.Generator().manual_seed(1)
+    mixing = torch.eye(24, dtype=torch.float64) + 0.6 * torch.randn(24, 24, generator=generator, dtype=torch.float64)
+    batches = [(torch.randn(64, 24, generator=generator, dtype=torch.float64) @ mixing, torch.zeros(64, dtype=torch.long))
+               for _ in range(2)]
+    runs = {}
+    for unit_selection in ("scores", "greedy"):
+        model = copy.deepcopy(layer)
+        result = prune(model, batches, 0.85, cycles=1, unit_selection=unit_selection, loss_weighting="none",
+                       loss_fn=lambda outputs, targets: outputs.pow(2).mean())
+        assert result.config["unit_selection"] == unit_selection
+        runs[unit_selection] = (model, result.masks["weight"])
+    (scores_model, scores_mask), (greedy_model, greedy_mask) = runs["scores"], runs["greedy"]
+    assert torch.equal(scores_mask.sum(1), greedy_mask.sum(1))  # the selection sets the counts
+    assert not torch.equal(scores_mask, greedy_mask)
+    assert _layer_output_error(layer, greedy_model, batches) < _layer_output_error(layer, scores_model, batches)
+
+
+def test_unit_selection_defaults_and_refusals():
+    assert prune(tiny_cnn(), image_batches(), 0.5).config["unit_selection"] == "greedy"
+    assert prune(tiny_cnn(), image_batches(), 0.5, criterion="magnitude").config["unit_selection"] == "scores"
+    assert prune(tiny_cnn(), image_batches(), 0.5, merge="curvature").config["unit_selection"] == "scores"
+    with pytest.raises(ConfigError, match="unit_selection='greedy'.*merge='least_squares'"):
+        prune(tiny_cnn(), image_batches(), 0.5, merge="none", unit_selection="greedy")
+    with pytest.raises(ConfigError, match="unknown unit_selection"):
+        prune(tiny_cnn(), image_batches(), 0.5, unit_selection="best")

@@ -7,6 +7,7 @@ DEFAULTS = {
     "loss_weighting": "batchnorm",
     "pairing": "coupled",
     "merge": "least_squares",
+    "unit_selection": "greedy",  # which weights each unit keeps: forward selection where it keeps few
     "cycles": 3,
     "recalibrate_bn": True,  # every criterion: BatchNorm statistics re-estimated after each cycle
 }

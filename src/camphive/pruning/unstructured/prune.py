@@ -25,6 +25,7 @@ from camphive.pruning.core.sharpness import top_loss_eigenvalues
 from camphive.pruning.core.unit_curvature import unit_matrix
 from camphive.pruning.criteria import LayerSolverCriterion
 from camphive.pruning.settings import resolve_settings
+from camphive.pruning.unstructured.greedy_selection import choose_within_units
 from camphive.pruning.unstructured.layer_solvers import solve_layers
 from camphive.pruning.unstructured.masks import apply_masks, check_masks, sparsity_of
 from camphive.pruning.unstructured.merging import least_squares_merge, merge_into_partner, pair_merge
@@ -107,6 +108,8 @@ class UnstructuredRun(PruningMode):
         else:
             scores = self.criterion.scores(info)
             pruned_now = self.select(scores, target)
+            if settings.unit_selection == "greedy":
+                pruned_now = self.choose_within_units(pruned_now, info)
         changed = any(bool(mask.any()) for mask in pruned_now.values())
         if changed and not solved:
             self.merge(pruned_now, scores, info)
@@ -124,6 +127,21 @@ class UnstructuredRun(PruningMode):
             layout = pattern_layout(self.model, self.params, settings.pattern)
             return select_pattern(scores, self.alive, layout, target / settings.sparsity)
         return select_to_prune(scores, self.alive, target, settings.selection, settings.min_keep)
+
+    def choose_within_units(self, pruned_now: dict[str, torch.Tensor], info) -> dict[str, torch.Tensor]:
+        """The same count per unit, but which weights each unit keeps chosen jointly by forward selection on
+        its curvature where it keeps few (:mod:`~camphive.pruning.unstructured.greedy_selection`)."""
+        view = info.unit_curvature(self.settings.curvature)
+        chosen = {}
+        for name, parameter in self.params.items():
+            now = pruned_now[name]
+            if not bool(now.any()):
+                chosen[name] = now
+                continue
+            matrix = choose_within_units(unit_matrix(parameter.data), view, name, unit_matrix(self.alive[name]),
+                                         unit_matrix(now))
+            chosen[name] = matrix.reshape(now.shape)
+        return chosen
 
     def merge(self, pruned_now: dict[str, torch.Tensor], scores: dict[str, torch.Tensor], info) -> None:
         """Fold the weights pruned now into the kept weights of their output units, then zero them."""

@@ -16,6 +16,7 @@ from camphive.pruning.criteria import (
 )
 from camphive.pruning.criteria.camp_hive import CAMP_HIVE_SCORES
 from camphive.pruning.unstructured.defaults import DEFAULTS
+from camphive.pruning.unstructured.greedy_selection import UNIT_SELECTIONS
 from camphive.pruning.unstructured.layer_solvers import check_solver_settings, default_selection
 from camphive.pruning.unstructured.merging import MERGES
 from camphive.pruning.unstructured.pairing import PAIRINGS
@@ -43,6 +44,9 @@ class UnstructuredSettings(PruneSettings):
     ``pattern``: N:M semi-structured sparsity ("2:4", "4:8"): N of every M consecutive fan-in weights
     pruned in each output unit (:mod:`~camphive.pruning.unstructured.patterns`); ``sparsity`` is then N/M
     and may be omitted; layers the pattern does not fit stay dense; ``selection`` and ``min_keep`` do not apply.
+    ``unit_selection``: which weights each output unit keeps once the selection has set how many: "greedy"
+    (CAMP-HiVe's default; jointly, by forward selection on the layer's Gram, in the units that keep at most a
+    quarter of their alive weights: :mod:`~camphive.pruning.unstructured.greedy_selection`) or "scores".
     """
 
     sparsity: float | None = field(default=None, metadata={
@@ -76,6 +80,10 @@ class UnstructuredSettings(PruneSettings):
     pattern: str | None = field(default=None, metadata={
         "help": "Unstructured N:M sparsity, e.g. 2:4 (sparse tensor cores): N of every M consecutive inputs pruned "
                 "per output unit; the sparsity is N/M", "default": "", "panel": "Pruning"})
+    unit_selection: str | None = field(default=None, metadata={
+        "help": "Which weights each output unit keeps (how many is the selection's): greedy (chosen jointly by "
+                "forward selection on the layer's Gram where a unit keeps at most a quarter of its alive weights) "
+                "or scores (its highest scores)", "default": "greedy for camp-hive, else scores", "panel": "CAMP-HiVe"})
 
     mode = "unstructured"
 
@@ -107,6 +115,7 @@ class UnstructuredSettings(PruneSettings):
         self._set("cycles", self.cycles or (DEFAULTS["cycles"] if camp_hive else 1))
         self._set("curvature", self.curvature or DEFAULTS["curvature"])
         self._set("score", self.score or DEFAULTS["score"])
+        self._resolve_unit_selection(camp_hive)
         if self.loss_weighting is None:  # the default weighting belongs to reconstruction scores only
             reads_reconstruction = self.curvature == "reconstruction" and self.score in ("diagonal", "obs")
             self._set("loss_weighting", DEFAULTS["loss_weighting"] if reads_reconstruction else "none")
@@ -122,6 +131,18 @@ class UnstructuredSettings(PruneSettings):
             if getattr(self, option) < 0:
                 raise ConfigError(f"{option} must be >= 0, got {getattr(self, option)}")
         self.criterion_object()  # the criterion's own options are checked now, not in the first cycle
+
+    def _resolve_unit_selection(self, camp_hive: bool) -> None:
+        """Greedy forward selection refits by least squares on the reconstruction curvature, weight by weight."""
+        fits = (self.merge == "least_squares" and self.curvature == "reconstruction" and self.pattern is None
+                and not is_layer_solver(self.criterion))
+        if self.unit_selection is None:
+            self._set("unit_selection", DEFAULTS["unit_selection"] if camp_hive and fits else "scores")
+        check_choice("unit_selection", self.unit_selection, UNIT_SELECTIONS)
+        if self.unit_selection == "greedy" and not fits:
+            raise ConfigError("unit_selection='greedy' chooses weights for a least-squares refit on the layer's Gram; "
+                              "it needs merge='least_squares', curvature='reconstruction', no pattern and no layer "
+                              "solver: set those or unit_selection='scores'")
 
     def weight_options(self) -> dict:
         return {"score": self.score, "curvature": self.curvature, "loss_weighting": self.loss_weighting,
