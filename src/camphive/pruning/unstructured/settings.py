@@ -45,8 +45,8 @@ class UnstructuredSettings(PruneSettings):
     pruned in each output unit (:mod:`~camphive.pruning.unstructured.patterns`); ``sparsity`` is then N/M
     and may be omitted; layers the pattern does not fit stay dense; ``selection`` and ``min_keep`` do not apply.
     ``unit_selection``: which weights each output unit keeps once the selection has set how many: "greedy"
-    (CAMP-HiVe's default; jointly, by forward selection on the layer's Gram, in the units that keep at most a
-    quarter of their alive weights: :mod:`~camphive.pruning.unstructured.greedy_selection`) or "scores".
+    (CAMP-HiVe's default; jointly, by forward selection on the layer's Gram, in the units that keep at most
+    half of their alive weights: :mod:`~camphive.pruning.unstructured.greedy_selection`) or "scores".
     """
 
     sparsity: float | None = field(default=None, metadata={
@@ -82,7 +82,7 @@ class UnstructuredSettings(PruneSettings):
                 "per output unit; the sparsity is N/M", "default": "", "panel": "Pruning"})
     unit_selection: str | None = field(default=None, metadata={
         "help": "Which weights each output unit keeps (how many is the selection's): greedy (chosen jointly by "
-                "forward selection on the layer's Gram where a unit keeps at most a quarter of its alive weights) "
+                "forward selection on the layer's Gram where a unit keeps at most half of its alive weights) "
                 "or scores (its highest scores)", "default": "greedy for camp-hive, else scores", "panel": "CAMP-HiVe"})
 
     mode = "unstructured"
