@@ -38,6 +38,7 @@ from camphive.checkpoints import FORMAT as CHECKPOINT_FORMAT
 from camphive.checkpoints import Checkpoint, _read_header
 from camphive.errors import CheckpointError, ConfigError
 from camphive.runs import atomic_write_bytes
+from camphive.semi_structured import SemiStructuredResult, to_semi_structured  # noqa: F401  (GPU twin of to_sparse_csr)
 
 FORMAT_FAMILY = "camphive-sparse-"
 FORMAT = FORMAT_FAMILY + "1"
