@@ -65,6 +65,8 @@ ABLATION = {
     # The peers with CAMP-HiVe's allocation instead of their uniform one: layer counts from its global selection
     # (SparseGPT, OBC), or Wanda's scores compared over all layers.
     "sparsegpt, global counts": dict(criterion="sparsegpt", selection="global"),
+    # CAMP-HiVe's default before 2026-12-01: each unit keeps its highest-scoring weights (no forward selection).
+    "camp-hive, units keep their top scores": dict(criterion="camp-hive", unit_selection="scores"),
     "obc, global counts": dict(criterion="obc", selection="global"),
     "wanda, global selection": dict(criterion="wanda", selection="global"),
     "wanda, per-layer selection": dict(criterion="wanda", selection="layer"),
