@@ -200,7 +200,8 @@ def profile_one(name: str, count: int, mode: str, args, cycle: int | None = None
     return {"model": name, "images": count, "mode": mode, "forward": forward, "forward_peak": forward_peak,
             "seconds": seconds, "stages": stages, "cprofile": cumulative_by_name(profiler),
             "peak": stages[top]["peak_rss_bytes"], "maxrss": max_rss_bytes(), "load": (load_before, os.getloadavg()[0]),
-            "cycles": "all" if cycle is None else str(cycle), "finished": finished, "code": code_version()}
+            "cycles": "all" if cycle is None else str(cycle), "finished": finished, "code": code_version(),
+            "budget": args.budget}
 
 
 def combine(parts: list[dict]) -> dict:
@@ -268,11 +269,17 @@ def summary(runs: list[dict]) -> str:
     model, images = runs[0]["model"], runs[0]["images"]
     forwards = sorted(run["forward"] for run in runs)
     forward = forwards[len(forwards) // 2]
-    reference = next((run["seconds"] for run in runs if run["mode"] == "sparsegpt"), None)
+    sparsegpt = next((run for run in runs if run["mode"] == "sparsegpt"), None)
+    reference = None if sparsegpt is None else sparsegpt["seconds"]
+    reference_finished = sparsegpt is None or sparsegpt.get("finished", True)
     loads = [value for run in runs for value in run["load"]]
 
-    def ratio(seconds: float) -> str:
-        return "-" if reference is None else f"{seconds / reference:.2f}"
+    def ratio(seconds: float, finished: bool = True) -> str:
+        """Runs stopped at their budget bound the ratio from one side (both stopped: unknown)."""
+        if reference is None or not (finished or reference_finished):
+            return "-"
+        bound = "" if finished == reference_finished else ("at least " if reference_finished else "at most ")
+        return f"{bound}{seconds / reference:.2f}"
 
     def gib(value) -> str:
         return "-" if value is None else f"{value / GIB:.2f}"
@@ -283,10 +290,12 @@ def summary(runs: list[dict]) -> str:
              f"| one no-grad forward pass over the {images} images (median of {len(forwards)}) | {forward:.1f} | 1 | "
              f"{ratio(forward)} | {gib(runs[0]['forward_peak'])} |"]
     for run in runs:
-        stopped = "" if run.get("finished", True) else " (stopped at its time budget: at least)"
+        stopped = "" if run.get("finished", True) else f" (stopped at its {run.get('budget', '?')} s budget: at least)"
         cycles = "" if run.get("cycles", "all") == "all" else f" (cycles {run['cycles']}, one process each)"
         lines.append(f"| {LABELS[run['mode']]}{cycles}{stopped} | {run['seconds']:.1f} | "
-                     f"{run['seconds'] / run['forward']:.1f} | {ratio(run['seconds'])} | {gib(run['peak'])} |")
+                     f"{run['seconds'] / run['forward']:.1f} | "
+                     f"{'1.00' if run is sparsegpt else ratio(run['seconds'], run.get('finished', True))} | "
+                     f"{gib(run['peak'])} |")
     return "\n".join(lines)
 
 
@@ -326,6 +335,8 @@ def main(argv=None) -> None:
                 key = f"{name}-{count}-{mode}"
                 if args.combine:
                     parts = sorted(args.state_dir.glob(f"{key}-part-*.json"))
+                    if not parts:  # this model was not run at this size
+                        continue
                     run = combine([json.loads(part.read_text()) for part in parts])
                 else:  # every run is kept, so that --combine can table (and record) runs made one at a time
                     run = profile_one(name, count, mode, args, args.cycle)
@@ -344,6 +355,10 @@ def main(argv=None) -> None:
             "a later run's peak may include memory kept from the runs before it. Then the stages of the "
             "CAMP-HiVe runs: the pipeline's key functions, nested under their caller.\n\n"
             ).format(args.resolution, args.batch_size, args.threads)
+    if args.combine:
+        body += ("Tabled with `--combine` from the runs saved in `--state-dir`, each made by this script in its own "
+                 "process with the same options for its model and size plus `--budget` (a run stopped at its budget "
+                 "is marked: its time is a lower bound, its peak memory that of the part it ran).\n\n")
     setups: dict[tuple, list[dict]] = {}
     for run in runs:
         setups.setdefault((run["model"], run["images"]), []).append(run)
