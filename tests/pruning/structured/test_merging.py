@@ -170,3 +170,22 @@ def test_intercept_folds_a_constant_offset_exactly(consumer):
         remove_channels(graph, group, [REMOVED])
         errors[intercept] = float((model(x) - reference).abs().max().detach())
     assert errors[True] <= 1e-5 < 1e-3 < errors[False]
+
+
+def test_greedy_removal_drops_removed_channels_without_changing_a_bit():
+    """Against the same OBS steps on the full matrices (removed rows and columns kept as zeros)."""
+    from camphive.pruning.structured.saliency import _marginal_costs, _remove, _states, _unfolded_cost
+
+    _, _, _, group, grams = _mlp_group()
+    states = [(inverse.clone(), products.clone()) for inverse, products in _states(group, grams, 0.01)]
+    base, alive, expected_order, expected_marginal = _unfolded_cost(group, grams), torch.ones(6, dtype=torch.bool), [], []
+    for _ in range(6):
+        cost = base + _marginal_costs(states)
+        chosen = int(torch.argmin(torch.where(alive, cost, torch.full_like(cost, float("inf")))))
+        expected_order.append(chosen)
+        expected_marginal.append(cost[chosen])
+        alive[chosen] = False
+        for inverse, products in states:
+            _remove(inverse, products, chosen)
+    order, marginal = greedy_obs_removal(group, grams, damping=0.01)
+    assert order.tolist() == expected_order and torch.equal(marginal, torch.stack(expected_marginal))

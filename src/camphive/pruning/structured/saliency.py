@@ -100,34 +100,50 @@ def greedy_obs_removal(group: ChannelGroup, grams: dict, damping: float) -> tupl
     """``(order, marginal)``: channels in greedy removal order and what each removal adds.
 
     ``marginal[:k].sum()`` is the fold-aware output error of removing ``order[:k]`` together
-    (sequential OBS updates equal the joint least-squares fold).
+    (sequential OBS updates equal the joint least-squares fold). A removed channel's row and
+    column are zero from then on and never reach the others' entries, so once a quarter of the
+    channels in the matrices are removed they are dropped from them (every entry left is computed
+    as before, bit for bit): the steps then cost ~0.44 n^3 in all instead of n^3.
     """
     states = _states(group, grams, damping)
     base = _unfolded_cost(group, grams)
     order = torch.empty(group.size, dtype=torch.int64)
     marginal = torch.empty(group.size, dtype=torch.float64)
+    channels = torch.arange(group.size)  # the channel of each row and column of the matrices in ``states``
     alive = torch.ones(group.size, dtype=torch.bool)
     for step in range(group.size):  # O(n^2) per step and consumer
-        cost = base + (_marginal_costs(states) if states else 0.0)
+        cost = base[channels] + (_marginal_costs(states) if states else 0.0)
         cost = torch.where(alive, cost, torch.full_like(cost, float("inf")))
-        chosen = int(torch.argmin(cost))
-        order[step], marginal[step] = chosen, cost[chosen]
-        alive[chosen] = False
-        for inverse, products in states:  # OBS: fold `chosen` into the others, then drop it from G^-1
-            pivot = inverse[:, chosen, chosen]  # (positions,)
-            row = inverse[:, chosen, :] / torch.where(pivot > 0, pivot, torch.ones_like(pivot))[:, None]
-            row = torch.where((pivot > 0)[:, None], row, torch.zeros_like(row))  # (positions, n)
-            # W <- W - w_chosen row^T, so W^T W <- M - row m^T - m row^T + M_cc row row^T (m = M[:, chosen]).
-            column = products[:, :, chosen].clone()
-            outer = row[:, :, None] * column[:, None, :]
-            products -= outer + outer.transpose(1, 2)
-            products += column[:, chosen, None, None] * row[:, :, None] * row[:, None, :]
-            products[:, chosen, :] = 0
-            products[:, :, chosen] = 0
-            inverse -= inverse[:, :, chosen : chosen + 1] * row[:, None, :]
-            inverse[:, chosen, :] = 0
-            inverse[:, :, chosen] = 0
+        position = int(torch.argmin(cost))
+        order[step], marginal[step] = channels[position], cost[position]
+        alive[position] = False
+        for inverse, products in states:  # OBS: fold the chosen channel into the others, then drop it from G^-1
+            _remove(inverse, products, position)
+        left = group.size - step - 1
+        if 0 < left <= 3 * alive.numel() // 4:
+            kept = alive.nonzero().squeeze(1)
+            states = [(inverse.index_select(1, kept).index_select(2, kept),
+                       products.index_select(1, kept).index_select(2, kept)) for inverse, products in states]
+            channels, alive = channels[kept], torch.ones(kept.numel(), dtype=torch.bool)
     return order, marginal
+
+
+def _remove(inverse: torch.Tensor, products: torch.Tensor, chosen: int) -> None:
+    """One OBS step on a consumer's ``(inverse, products)``, in place: fold channel ``chosen`` into the
+    others, then zero its row and column."""
+    pivot = inverse[:, chosen, chosen]  # (positions,)
+    row = inverse[:, chosen, :] / torch.where(pivot > 0, pivot, torch.ones_like(pivot))[:, None]
+    row = torch.where((pivot > 0)[:, None], row, torch.zeros_like(row))  # (positions, n)
+    # W <- W - w_chosen row^T, so W^T W <- M - row m^T - m row^T + M_cc row row^T (m = M[:, chosen]).
+    column = products[:, :, chosen].clone()
+    outer = row[:, :, None] * column[:, None, :]
+    products -= outer + outer.transpose(1, 2)
+    products += column[:, chosen, None, None] * row[:, :, None] * row[:, None, :]
+    products[:, chosen, :] = 0
+    products[:, :, chosen] = 0
+    inverse -= inverse[:, :, chosen : chosen + 1] * row[:, None, :]
+    inverse[:, chosen, :] = 0
+    inverse[:, :, chosen] = 0
 
 
 def greedy_obs_scores(group: ChannelGroup, grams: dict, damping: float) -> torch.Tensor:
