@@ -27,7 +27,7 @@ import torch
 # A unit is re-chosen greedily only where it keeps at most this fraction of its alive weights: there forward
 # selection costs at most about a^3 / 8 (a m^2 / 2 in general), under 40 % of the backward elimination's a^3 / 3,
 # and few kept weights is where choosing them jointly matters. Measured against 0.25 and 1 (every unit, every
-# cycle) on resnet20 at sparsity 0.9 / 0.95 / 0.98: see the README's unstructured results.
+# cycle) on resnet20 at sparsity 0.9 / 0.95 / 0.98: docs/method.md, section 11.
 MAX_KEEP_FRACTION = 0.5
 UNIT_SELECTIONS = ("greedy", "scores")
 MAX_STEPS = 64  # steps per unit: blocks of ceil(m / 64) weights (exact greedy while m <= 64)
