@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -168,6 +169,7 @@ def _worker(rank, port, folder):
         results["session_kept_group"] = distributed.is_distributed()
         completed = True
     finally:
+        results["completed"] = completed
         (folder / f"results-rank{rank}.json").write_text(json.dumps(results, default=str))
         distributed.shutdown(wait_for_others=completed)
 
@@ -175,7 +177,17 @@ def _worker(rank, port, folder):
 @pytest.fixture(scope="module")
 def worker_results(tmp_path_factory):
     folder = tmp_path_factory.mktemp("distributed")
-    mp.start_processes(_worker, args=(_free_port(), str(folder)), nprocs=WORLD, start_method="spawn")
+    try:
+        mp.start_processes(_worker, args=(_free_port(), str(folder)), nprocs=WORLD, start_method="spawn")
+    except mp.ProcessExitedException as error:
+        # gloo can abort a process while the group is torn down, after every check ran and its results were
+        # written (seen in about one fresh CI run in three); an abort before that fails here as any error.
+        files = [folder / f"results-rank{rank}.json" for rank in range(WORLD)]
+        finished = all(path.is_file() and json.loads(path.read_text()).get("completed") for path in files)
+        if not (finished and error.signal_name == "SIGABRT"):
+            raise
+        warnings.warn(f"a process aborted while the process group was torn down, after its checks: {error}",
+                      stacklevel=2)
     results = [json.loads((folder / f"results-rank{rank}.json").read_text()) for rank in range(WORLD)]
     return folder, results
 
