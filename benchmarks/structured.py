@@ -2,7 +2,7 @@
 
 Sections (``--sections``):
 
-* ``method``: METHOD.md's small-CNN measurement on Fashion-MNIST: 50 % / 75 % of the channels
+* ``method``: the small-CNN channel-merge measurement (docs/method.md, section 11) on Fashion-MNIST: 50 % / 75 % of the channels
   of conv2, conv3 and fc1 removed by L1 norm, with each merge (none, pair with coupled or
   cyclic partners and activation or weight betas, least squares); accuracy right after
   pruning and after a short fine-tune.
@@ -328,7 +328,7 @@ def main(argv=None) -> None:
     parts, verdicts = [], []
     evaluation = Evaluation(args) if sections & {"method", "criteria"} else None
     if "method" in sections:
-        parts.append("### METHOD.md's small-CNN measurement\n\n" + method_section(args, evaluation))
+        parts.append("### The small-CNN channel-merge measurement\n\n" + method_section(args, evaluation))
     if "criteria" in sections:
         body, found = criteria_section(args, evaluation)
         parts.append("### Accuracy against MACs reduction, every criterion" + body)

@@ -26,7 +26,7 @@ from camphive.training import finetune
 # defaults (Wanda: per-unit selection, no merge; SparseGPT, OBC: uniform per layer, sequential, their own update).
 CRITERIA = ["camp-hive", "magnitude", "random", "taylor", "obd", "hutchinson", "wanda", "sparsegpt", "obc"]
 
-# name -> prune() options; the ablation of METHOD.md §3 and beyond (scores x pairing x merge x cycles).
+# name -> prune() options; the ablation of docs/method.md section 11 and beyond (scores x pairing x merge x cycles).
 # The w²G_jj rows without (γ/σ)² set loss_weighting="none" explicitly: the default became "batchnorm".
 ABLATION = {
     "magnitude, no merge": dict(criterion="magnitude", merge="none"),

@@ -1,4 +1,4 @@
-"""Fold removed channels into kept ones through the layers that read them (METHOD.md, structured).
+"""Fold removed channels into kept ones through the layers that read them (docs/method.md, section 9).
 
 Every consumer (a conv or linear reading the group's channels) sees activations ``a_c``
 for channel ``c`` (after BN, ReLU, pooling: whatever it reads). If a removed channel's

@@ -8,8 +8,8 @@ removing channel ``p`` and folding it into the kept channels by least squares (w
 the part of ``a_p`` the other channels cannot reproduce: exact for a linear layer or a 1x1
 conv, and for larger kernels the error under the channel-level model the merge uses (one
 fold for every tap; correlations between taps are ignored). That is the Optimal Brain
-Surgeon saliency of a channel under the consumer's reconstruction curvature (METHOD.md §1,
-"reconstruction", at channel level).
+Surgeon saliency of a channel under the consumer's reconstruction curvature (docs/method.md,
+section 2, at channel level).
 
 * ``channel_score="obs"``: that saliency of every channel alone, summed over the group's
   consumers (position by position after a flatten).
