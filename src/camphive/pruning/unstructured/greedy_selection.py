@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from camphive.pruning.unstructured.merging import leading_columns
+
 # A unit is re-chosen greedily only where it keeps at most this fraction of its alive weights: there forward
 # selection costs at most about a^3 / 8 (a m^2 / 2 in general), under 40 % of the backward elimination's a^3 / 3,
 # and few kept weights is where choosing them jointly matters. Measured against 0.25 and 1 (every unit, every
@@ -104,9 +106,8 @@ def _forward_select(weights, curvature, name, out_units, rows, alive, keep, max_
     """Forward selection for a batch of units, on their alive columns only (padded to the widest)."""
     batch, fan_in = weights.shape
     device = weights.device
-    width = int(alive.sum(1).max())
-    columns = torch.sort((~alive).to(torch.int8), dim=1, stable=True).indices[:, :width]  # alive columns first
-    valid = torch.arange(width, device=device)[None, :] < alive.sum(1, keepdim=True)
+    columns, valid = leading_columns(alive)  # alive columns first, padded to the widest unit
+    width = columns.shape[1]
     block = _block(int(keep.max()), max_steps)
     residual = curvature.times(name, out_units, rows, weights).to(DTYPE).gather(1, columns) * valid
     schur = curvature.diagonal(name, out_units)[rows].to(DTYPE).gather(1, columns)

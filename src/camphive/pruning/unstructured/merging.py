@@ -107,7 +107,7 @@ def _chunk_size(width: int, fan_in: int, chunk_elements: int) -> int:
     return max(1, chunk_elements // (width * width + fan_in))
 
 
-def _leading(members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def leading_columns(members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Column indices with each row's members first (in column order), and which are real (not padding)."""
     width = int(members.sum(1).max())
     order = torch.sort((~members).to(torch.int8), dim=1, stable=True).indices[:, :width]
@@ -122,7 +122,7 @@ def _padded_solve(system: torch.Tensor, right: torch.Tensor, valid: torch.Tensor
 
 
 def _solve_on_kept(matrix, curvature, name, out_units, rows, pruned_now, kept) -> None:
-    order, valid = _leading(kept)
+    order, valid = leading_columns(kept)
     pruned_weights = matrix[rows].to(torch.float64) * pruned_now  # (n, d)
     right = curvature.times(name, out_units, rows, pruned_weights).to(torch.float64).gather(1, order)  # Hhat_SP w_P
     solution = _padded_solve(curvature.submatrices(name, out_units, rows, order), right, valid)
@@ -132,7 +132,7 @@ def _solve_on_kept(matrix, curvature, name, out_units, rows, pruned_now, kept) -
 
 
 def _solve_on_complement(matrix, curvature, name, out_units, rows, pruned_now, kept) -> None:
-    order, valid = _leading(~kept)
+    order, valid = leading_columns(~kept)
     targets = (matrix[rows].to(torch.float64) * pruned_now).gather(1, order)  # t_Q
     system = curvature.inverse_submatrices(name, out_units, rows, order)
     multipliers = torch.zeros(rows.numel(), matrix.shape[1], dtype=torch.float64, device=matrix.device)

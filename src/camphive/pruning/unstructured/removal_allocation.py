@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from camphive.pruning.unstructured.merging import leading_columns
+
 EXACT_LIMIT = 2**22  # rows x (count + 1) x (steps + 1): the exact dynamic program's work above which it is skipped
 
 
@@ -111,9 +113,7 @@ def obs_weights(matrix: torch.Tensor, hessian: torch.Tensor, inverse: torch.Tens
 
 def _obs_update(weights, removed, members, hessian, inverse, dual: bool) -> torch.Tensor:
     """The change of a chunk's rows, solved on ``members`` (the removed entries if ``dual``, else the kept)."""
-    width = int(members.sum(1).max())
-    order = torch.sort((~members).to(torch.int8), dim=1, stable=True).indices[:, :width]  # members first
-    valid = torch.arange(width)[None, :] < members.sum(1, keepdim=True)
+    order, valid = leading_columns(members)  # members first
     both_valid = valid[:, :, None] & valid[:, None, :]
     source = inverse if dual else hessian
     system = source[order[:, :, None], order[:, None, :]] * both_valid + torch.diag_embed((~valid).double())
