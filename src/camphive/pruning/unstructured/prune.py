@@ -5,8 +5,9 @@ current (partly pruned) model; this mode scores the weights still alive, selects
 lowest-scoring ones up to the cycle's target sparsity (which sets how many each output unit keeps),
 re-chooses which ones by forward selection where a unit keeps few (``unit_selection="greedy"``),
 pairs each pruned weight with a kept partner in its output unit and merges it (or folds it into all
-kept weights by least squares), and fixes the masks. Criteria differ only in their scores, so comparisons between them are fair by
-construction. The options are :class:`~camphive.pruning.unstructured.settings.UnstructuredSettings`.
+kept weights by least squares), and fixes the masks. Criteria differ only in their scores, so
+comparisons between them are fair by construction. The options are
+:class:`~camphive.pruning.unstructured.settings.UnstructuredSettings`.
 """
 from __future__ import annotations
 
