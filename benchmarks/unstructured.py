@@ -68,6 +68,10 @@ ABLATION = {
     # CAMP-HiVe's default before 2026-12-01: each unit keeps its highest-scoring weights (no forward selection).
     "camp-hive, units keep their top scores": dict(criterion="camp-hive", unit_selection="scores"),
     "obc, global counts": dict(criterion="obc", selection="global"),
+    # How the least-squares merge is solved: the default "auto" (direct up to 128 wide, conjugate gradients above)
+    # against a direct factorisation for every unit (the default before 2026-12-01's second session) and CG for all.
+    "camp-hive, merge solved directly": dict(criterion="camp-hive", merge_solver="direct"),
+    "camp-hive, merge by conjugate gradients": dict(criterion="camp-hive", merge_solver="cg"),
     "wanda, global selection": dict(criterion="wanda", selection="global"),
     "wanda, per-layer selection": dict(criterion="wanda", selection="layer"),
 }

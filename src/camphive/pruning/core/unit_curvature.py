@@ -37,11 +37,13 @@ class UnitCurvature:
         gathered = self.unit_rows(name, out_units, rows, cols)
         return gathered.gather(2, cols[:, None, :].expand(-1, cols.shape[1], -1))
 
-    def times(self, name: str, out_units: int, rows: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-        """``(n, fan_in)``: ``Hhat_r v`` for unit ``rows[i]`` and vector ``vectors[i]``."""
+    def times(self, name: str, out_units: int, rows: torch.Tensor, vectors: torch.Tensor,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``(n, fan_in)``: ``Hhat_r v`` for unit ``rows[i]`` and vector ``vectors[i]``, in ``dtype`` if given."""
         everything = torch.arange(vectors.shape[1], device=vectors.device).expand(rows.numel(), -1)
         gathered = self.unit_rows(name, out_units, rows, everything)
-        return torch.einsum("nij,nj->ni", gathered, vectors.to(gathered.dtype))
+        product = torch.einsum("nij,nj->ni", gathered, vectors.to(gathered.dtype))
+        return product if dtype is None else product.to(dtype)
 
     def has_shared_inverse(self, name: str) -> bool:
         """Whether ``inverse_submatrices``/``inverse_times`` are cheap (one inverse shared by many units)."""
@@ -60,6 +62,7 @@ class ReconstructionCurvature(UnitCurvature):
     def __init__(self, covariances: Mapping[str, torch.Tensor], damping: float = 0.01):
         self.damping = damping
         self._cached_inverse: tuple[str | None, torch.Tensor | None] = (None, None)
+        self._cached_copy: tuple[tuple | None, torch.Tensor | None] = (None, None)
         self._matrices: dict[str, torch.Tensor] = {}
         for name, matrix in covariances.items():
             matrix = matrix if matrix.ndim == 3 else matrix.unsqueeze(0)
@@ -101,8 +104,19 @@ class ReconstructionCurvature(UnitCurvature):
             return matrices[0][cols[:, :, None], cols[:, None, :]]
         return matrices[groups[:, None, None], cols[:, :, None], cols[:, None, :]]
 
-    def times(self, name: str, out_units: int, rows: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-        return self._apply(self._matrices[name], self._groups_of(name, rows, out_units), vectors)
+    def times(self, name: str, out_units: int, rows: torch.Tensor, vectors: torch.Tensor,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
+        """As :meth:`UnitCurvature.times`; ``dtype`` (e.g. float32 for iterative solvers) is also the precision of
+        the product, on a copy of the matrices kept for the last layer asked."""
+        return self._apply(self._matrices_in(name, dtype), self._groups_of(name, rows, out_units), vectors)
+
+    def _matrices_in(self, name: str, dtype: torch.dtype | None) -> torch.Tensor:
+        matrices = self._matrices[name]
+        if dtype is None or dtype == matrices.dtype:
+            return matrices
+        if self._cached_copy[0] != (name, dtype):
+            self._cached_copy = ((name, dtype), matrices.to(dtype))
+        return self._cached_copy[1]
 
     @staticmethod
     def _apply(matrices: torch.Tensor, groups: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
@@ -217,13 +231,15 @@ class LowRankLossCurvature(UnitCurvature):
         result.diagonal(dim1=-2, dim2=-1).add_(correction)
         return result
 
-    def times(self, name: str, out_units: int, rows: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    def times(self, name: str, out_units: int, rows: torch.Tensor, vectors: torch.Tensor,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
         unit_vectors = self._vectors[name][:, rows, :]  # (k, n, d)
         values = self._values[name].to(unit_vectors)
         vectors = vectors.to(unit_vectors)
         projections = (unit_vectors * vectors).sum(-1)  # (k, n)
         low_rank = torch.einsum("k,kn,knd->nd", values, projections, unit_vectors)
-        return low_rank + self._diagonal_rest[name][rows] * vectors
+        product = low_rank + self._diagonal_rest[name][rows] * vectors
+        return product if dtype is None else product.to(dtype)
 
     def unit_matrices(self, name: str, out_units: int, rows: torch.Tensor) -> torch.Tensor:
         vectors = self._vectors[name][:, rows, :]  # (k, n, d)

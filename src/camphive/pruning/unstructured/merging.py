@@ -18,7 +18,14 @@ from __future__ import annotations
 
 import torch
 
+from camphive.pruning.core.settings import check_choice
+from camphive.pruning.unstructured.iterative_merge import conjugate_gradient_merge
+
 MERGES = ("curvature", "half", "none", "least_squares")
+MERGE_SOLVERS = ("auto", "direct", "cg")
+# Widest system ("auto") still solved directly: above it conjugate gradients cost less. Measured on this
+# library's benchmarks: docs/method.md, section 12.
+DIRECT_WIDTH = 128
 
 
 @torch.no_grad()
@@ -68,16 +75,20 @@ def pair_merge(matrix: torch.Tensor, curvature, name: str, pruned_now: torch.Ten
 
 @torch.no_grad()
 def least_squares_merge(matrix: torch.Tensor, curvature, name: str, pruned_now: torch.Tensor, kept: torch.Tensor,
-                        chunk_elements: int = 2**22) -> None:
+                        chunk_elements: int = 2**22, solver: str = "auto") -> None:
     """Fold every weight pruned now into all kept weights of its unit: ``dW_S = Hhat_SS^-1 Hhat_SP w_P``.
 
-    Solved per unit in float64 on whichever side is smaller: the kept set S (``|S| x |S|``
-    systems), or, when the view shares an inverse across units (the reconstruction view),
-    its complement Q = not S, by the same minimiser written with ``Hinv = Hhat^-1``:
+    ``solver="direct"`` solves per unit in float64 on whichever side is smaller: the kept set S
+    (``|S| x |S|`` systems), or, when the view shares an inverse across units (the reconstruction
+    view), its complement Q = not S, by the same minimiser written with ``Hinv = Hhat^-1``:
     ``dW = -Hinv_{:,Q} (Hinv_QQ)^-1 t_Q`` with ``t = w`` on the weights pruned now and 0 on
-    those already zero. Units are chunked by width (padding masked). Pruned entries are
-    zeroed afterwards; weights neither kept nor pruned now are never changed.
+    those already zero. Units are chunked by width (padding masked). ``solver="cg"``: conjugate
+    gradients for every unit (:mod:`~camphive.pruning.unstructured.iterative_merge`, to a relative
+    residual of 1e-3); ``"auto"``: direct where that side is at most ``DIRECT_WIDTH`` wide, conjugate
+    gradients for wider units (the factorisations would cost more). Pruned entries are zeroed
+    afterwards; weights neither kept nor pruned now are never changed.
     """
+    check_choice("solver", solver, MERGE_SOLVERS)
     out_units, fan_in = matrix.shape
     pruned_now, kept = pruned_now.bool(), kept.bool()
     units = (pruned_now.any(1) & kept.any(1)).nonzero(as_tuple=True)[0]
@@ -86,21 +97,34 @@ def least_squares_merge(matrix: torch.Tensor, curvature, name: str, pruned_now: 
         dual = fan_in - kept_counts < kept_counts
     else:
         dual = torch.zeros_like(kept_counts, dtype=torch.bool)
+    widths = torch.where(dual, fan_in - kept_counts, kept_counts)
+    iterative = torch.full_like(dual, solver == "cg") if solver != "auto" else widths > DIRECT_WIDTH
+    chosen = units[iterative]
+    step = max(1, chunk_elements // fan_in)
+    for start in range(0, chosen.numel(), step):
+        rows = chosen[start : start + step]
+        conjugate_gradient_merge(matrix, curvature, name, rows, pruned_now[rows], kept[rows])
     for use_dual in (False, True):
-        chosen = units[dual == use_dual]
-        widths = (fan_in - kept_counts[dual == use_dual]) if use_dual else kept_counts[dual == use_dual]
-        widths, order = widths.sort()  # similar widths share a chunk: less padding
-        chosen, widths = chosen[order], widths.tolist()
-        start = 0
-        while start < len(widths):
-            # Sorted by width, a chunk's memory is set by its last (widest) unit.
-            step = _chunk_size(widths[min(start + 63, len(widths) - 1)], fan_in, chunk_elements)
-            step = min(step, _chunk_size(widths[min(start + step, len(widths)) - 1], fan_in, chunk_elements))
-            chunk = chosen[start : start + step]
-            solve = _solve_on_complement if use_dual else _solve_on_kept
-            solve(matrix, curvature, name, out_units, chunk, pruned_now[chunk], kept[chunk])
-            start += step
+        direct = ~iterative & (dual == use_dual)
+        _solve_directly(matrix, curvature, name, units[direct], widths[direct], pruned_now, kept, use_dual,
+                        chunk_elements)
     matrix[pruned_now] = 0
+
+
+def _solve_directly(matrix, curvature, name, units, widths, pruned_now, kept, use_dual, chunk_elements) -> None:
+    """The direct solves of ``units`` (their systems ``widths`` wide), in chunks of similar widths."""
+    out_units, fan_in = matrix.shape
+    widths, order = widths.sort()  # similar widths share a chunk: less padding
+    units, widths = units[order], widths.tolist()
+    solve = _solve_on_complement if use_dual else _solve_on_kept
+    start = 0
+    while start < len(widths):
+        # Sorted by width, a chunk's memory is set by its last (widest) unit.
+        step = _chunk_size(widths[min(start + 63, len(widths) - 1)], fan_in, chunk_elements)
+        step = min(step, _chunk_size(widths[min(start + step, len(widths)) - 1], fan_in, chunk_elements))
+        chunk = units[start : start + step]
+        solve(matrix, curvature, name, out_units, chunk, pruned_now[chunk], kept[chunk])
+        start += step
 
 
 def _chunk_size(width: int, fan_in: int, chunk_elements: int) -> int:

@@ -155,14 +155,14 @@ class UnstructuredRun(PruningMode):
             if pruned_now[name].any():
                 merge_layer(unit_matrix(parameter.data), name, unit_matrix(pruned_now[name]),
                             unit_matrix(self.alive[name] & ~pruned_now[name]), unit_matrix(scores[name].detach()),
-                            merge, pairing, view, settings.clip)
+                            merge, pairing, view, settings.clip, settings.merge_solver)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {name: mask.clone() for name, mask in self.alive.items()}
 
 
 @torch.no_grad()
-def merge_layer(matrix, name, pruned_now, kept, significance, merge, pairing, view, clip) -> None:
+def merge_layer(matrix, name, pruned_now, kept, significance, merge, pairing, view, clip, solver="auto") -> None:
     """Merge the weights pruned now into kept partners of their unit, then zero them (in place).
 
     ``matrix``: the weight as ``(out_units, fan_in)``; ``pruned_now``/``kept``: bool, same shape.
@@ -170,7 +170,7 @@ def merge_layer(matrix, name, pruned_now, kept, significance, merge, pairing, vi
     if merge == "none":
         matrix[pruned_now] = 0
     elif merge == "least_squares":
-        least_squares_merge(matrix, view, name, pruned_now, kept)
+        least_squares_merge(matrix, view, name, pruned_now, kept, solver=solver)
     else:
         rows, pruned_cols, partners = make_pairs(pairing, pruned_now, kept, significance, view, name)
         if merge == "half":

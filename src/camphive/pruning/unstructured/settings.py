@@ -18,7 +18,7 @@ from camphive.pruning.criteria.camp_hive import CAMP_HIVE_SCORES
 from camphive.pruning.unstructured.defaults import DEFAULTS
 from camphive.pruning.unstructured.greedy_selection import UNIT_SELECTIONS
 from camphive.pruning.unstructured.layer_solvers import check_solver_settings, default_selection
-from camphive.pruning.unstructured.merging import MERGES
+from camphive.pruning.unstructured.merging import MERGE_SOLVERS, MERGES
 from camphive.pruning.unstructured.pairing import PAIRINGS
 from camphive.pruning.unstructured.patterns import normalize_pattern, pattern_sparsity
 from camphive.pruning.unstructured.selection import SCHEDULES, SELECTIONS, check_sparsity, keep_floor
@@ -47,6 +47,8 @@ class UnstructuredSettings(PruneSettings):
     ``unit_selection``: which weights each output unit keeps once the selection has set how many: "greedy"
     (CAMP-HiVe's default; jointly, by forward selection on the layer's Gram, in the units that keep at most
     half of their alive weights: :mod:`~camphive.pruning.unstructured.greedy_selection`) or "scores".
+    ``merge_solver``: how the least-squares merge is solved: "auto" (the default: a direct factorisation per
+    unit where its system is at most 128 wide, conjugate gradients for wider ones), "direct" or "cg".
     """
 
     sparsity: float | None = field(default=None, metadata={
@@ -84,6 +86,9 @@ class UnstructuredSettings(PruneSettings):
         "help": "Which weights each output unit keeps (how many is the selection's): greedy (chosen jointly by "
                 "forward selection on the layer's Gram where a unit keeps at most half of its alive weights) "
                 "or scores (its highest scores)", "default": "greedy for camp-hive, else scores", "panel": "CAMP-HiVe"})
+    merge_solver: str | None = field(default=None, metadata={
+        "help": "How the least-squares merge is solved: auto (direct per unit up to 128 wide, conjugate gradients "
+                "above), direct or cg", "default": "auto with merge least_squares", "panel": "CAMP-HiVe"})
 
     mode = "unstructured"
 
@@ -116,6 +121,7 @@ class UnstructuredSettings(PruneSettings):
         self._set("curvature", self.curvature or DEFAULTS["curvature"])
         self._set("score", self.score or DEFAULTS["score"])
         self._resolve_unit_selection(camp_hive)
+        self._resolve_merge_solver()
         if self.loss_weighting is None:  # the default weighting belongs to reconstruction scores only
             reads_reconstruction = self.curvature == "reconstruction" and self.score in ("diagonal", "obs")
             self._set("loss_weighting", DEFAULTS["loss_weighting"] if reads_reconstruction else "none")
@@ -143,6 +149,14 @@ class UnstructuredSettings(PruneSettings):
             raise ConfigError("unit_selection='greedy' chooses weights for a least-squares refit on the layer's Gram; "
                               "it needs merge='least_squares', curvature='reconstruction', no pattern and no layer "
                               "solver: set those or unit_selection='scores'")
+
+    def _resolve_merge_solver(self) -> None:
+        if self.merge_solver is not None and self.merge != "least_squares":
+            raise ConfigError(f"merge_solver solves the least-squares merge; with merge={self.merge!r} drop it "
+                              "or pass merge='least_squares'")
+        if self.merge == "least_squares":
+            self._set("merge_solver", self.merge_solver or "auto")
+            check_choice("merge_solver", self.merge_solver, MERGE_SOLVERS)
 
     def weight_options(self) -> dict:
         return {"score": self.score, "curvature": self.curvature, "loss_weighting": self.loss_weighting,
