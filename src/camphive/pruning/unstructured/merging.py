@@ -24,7 +24,7 @@ from camphive.pruning.unstructured.iterative_merge import conjugate_gradient_mer
 MERGES = ("curvature", "half", "none", "least_squares")
 MERGE_SOLVERS = ("auto", "direct", "cg")
 # Widest system ("auto") still solved directly: above it conjugate gradients cost less. Measured on this
-# library's benchmarks: docs/method.md, section 12.
+# library's benchmarks: docs/method.md, section 7.
 DIRECT_WIDTH = 128
 
 
