@@ -59,15 +59,30 @@ def test_conjugate_gradients_reach_the_explicit_solution_of_every_view(kept_frac
                                       damping=0.01)):
         matrices = view.unit_matrices("w", 6, torch.arange(6))
         expected = _explicit(weights, matrices, pruned, kept)
-        merged = weights.clone()
-        iterations = conjugate_gradient_merge(merged, view, "w", torch.arange(6), pruned, kept, tolerance=1e-4)
-        merged[pruned] = 0
-        assert torch.equal(merged[earlier], weights[earlier])
-        assert 0 < int(iterations.max()) < 200, iterations  # converged, not stopped by max_iterations
-        plain = weights * ~pruned
-        # float32 work: the merge's error within 1e-4 of the optimum's, relative to plain pruning's
-        gap = _error(merged, weights, matrices) - _error(expected, weights, matrices)
-        assert (gap.abs() <= 1e-4 * _error(plain, weights, matrices)).all(), type(view).__name__
+        for preconditioner in ("jacobi", "inverse") if view.has_shared_inverse("w") else ("jacobi",):
+            merged = weights.clone()
+            iterations = conjugate_gradient_merge(merged, view, "w", torch.arange(6), pruned, kept, tolerance=1e-4,
+                                                  preconditioner=preconditioner)
+            merged[pruned] = 0
+            assert torch.equal(merged[earlier], weights[earlier])
+            assert 0 < int(iterations.max()) < 200, iterations  # converged, not stopped by max_iterations
+            plain = weights * ~pruned
+            # float32 work: the merge's error within 1e-4 of the optimum's, relative to plain pruning's
+            gap = _error(merged, weights, matrices) - _error(expected, weights, matrices)
+            assert (gap.abs() <= 1e-4 * _error(plain, weights, matrices)).all(), (type(view).__name__, preconditioner)
+
+
+def test_the_inverse_preconditioner_needs_at_most_one_iteration_per_weight_pruned_plus_one():
+    fan_in = 60
+    view = ReconstructionCurvature({"w": _correlated_covariance(fan_in, 9)}, damping=0.01)
+    weights = torch.randn(3, fan_in, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    kept = torch.ones(3, fan_in, dtype=torch.bool)
+    kept[0, :2] = kept[1, 10:13] = kept[2, 5:9] = False  # 2, 3 and 4 pruned: (Hinv)_SS is off by rank 2, 3, 4
+    iterations = conjugate_gradient_merge(weights.clone(), view, "w", torch.arange(3), ~kept, kept, tolerance=1e-3,
+                                          preconditioner="inverse")
+    jacobi = conjugate_gradient_merge(weights.clone(), view, "w", torch.arange(3), ~kept, kept, tolerance=1e-3)
+    assert (iterations <= torch.tensor([3, 4, 5])).all(), iterations
+    assert (jacobi > iterations).all(), jacobi
 
 
 def test_every_iteration_lowers_the_quadratic_model_starting_below_plain_pruning():

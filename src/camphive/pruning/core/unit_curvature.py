@@ -62,7 +62,7 @@ class ReconstructionCurvature(UnitCurvature):
     def __init__(self, covariances: Mapping[str, torch.Tensor], damping: float = 0.01):
         self.damping = damping
         self._cached_inverse: tuple[str | None, torch.Tensor | None] = (None, None)
-        self._cached_copy: tuple[tuple | None, torch.Tensor | None] = (None, None)
+        self._copies: dict[str, tuple] = {}  # per kind ("matrices", "inverse"): the last layer's copy in a dtype
         self._matrices: dict[str, torch.Tensor] = {}
         for name, matrix in covariances.items():
             matrix = matrix if matrix.ndim == 3 else matrix.unsqueeze(0)
@@ -108,15 +108,16 @@ class ReconstructionCurvature(UnitCurvature):
               dtype: torch.dtype | None = None) -> torch.Tensor:
         """As :meth:`UnitCurvature.times`; ``dtype`` (e.g. float32 for iterative solvers) is also the precision of
         the product, on a copy of the matrices kept for the last layer asked."""
-        return self._apply(self._matrices_in(name, dtype), self._groups_of(name, rows, out_units), vectors)
+        return self._apply(self._converted("matrices", name, self._matrices[name], dtype),
+                           self._groups_of(name, rows, out_units), vectors)
 
-    def _matrices_in(self, name: str, dtype: torch.dtype | None) -> torch.Tensor:
-        matrices = self._matrices[name]
+    def _converted(self, kind: str, name: str, matrices: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
         if dtype is None or dtype == matrices.dtype:
             return matrices
-        if self._cached_copy[0] != (name, dtype):
-            self._cached_copy = ((name, dtype), matrices.to(dtype))
-        return self._cached_copy[1]
+        key = (name, dtype)
+        if self._copies.get(kind, (None,))[0] != key:
+            self._copies[kind] = (key, matrices.to(dtype))
+        return self._copies[kind][1]
 
     @staticmethod
     def _apply(matrices: torch.Tensor, groups: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
@@ -139,9 +140,11 @@ class ReconstructionCurvature(UnitCurvature):
         """``(n, m, m)``: ``Hhat^-1`` of unit ``rows[i]`` restricted to the distinct indices ``cols[i, :]``."""
         return self._gather(self._inverse(name), self._groups_of(name, rows, out_units), cols)
 
-    def inverse_times(self, name: str, out_units: int, rows: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-        """``(n, fan_in)``: ``Hhat_r^-1 v`` for unit ``rows[i]`` and vector ``vectors[i]``."""
-        return self._apply(self._inverse(name), self._groups_of(name, rows, out_units), vectors)
+    def inverse_times(self, name: str, out_units: int, rows: torch.Tensor, vectors: torch.Tensor,
+                      dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``(n, fan_in)``: ``Hhat_r^-1 v`` for unit ``rows[i]`` and vector ``vectors[i]`` (``dtype`` as in ``times``)."""
+        return self._apply(self._converted("inverse", name, self._inverse(name), dtype),
+                           self._groups_of(name, rows, out_units), vectors)
 
     def unit_matrices(self, name: str, out_units: int, rows: torch.Tensor) -> torch.Tensor:
         """``(n, fan_in, fan_in)``: the full matrix of each unit in ``rows`` (an expanded view when shared)."""

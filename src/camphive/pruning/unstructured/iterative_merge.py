@@ -6,9 +6,12 @@ the pruned side): at ImageNet scale (fan-in 4,608, a unit keeping 40 % of it) th
 gradients need only products ``Hhat v``, and since the units of a layer share ``Hhat`` (the reconstruction view)
 one matrix product serves every unit of a batch per iteration: ``2 fan_in^2`` per unit and iteration.
 
-Each unit runs preconditioned conjugate gradients (Jacobi: ``diag(Hhat)``) on its kept set, from ``dW_S = 0``
-(plain pruning), until its residual, in the preconditioned norm, is below ``tolerance`` times where it started
-(or ``max_iterations``). Every iteration lowers the unit's quadratic model, so the result is never worse than
+Each unit runs preconditioned conjugate gradients on its kept set, from ``dW_S = 0`` (plain pruning), until its
+residual, in the preconditioned norm, is below ``tolerance`` times where it started (or ``max_iterations``).
+Preconditioners: ``"jacobi"`` (``diag(Hhat)^-1``), or ``"inverse"``: ``(Hhat^-1)_SS``, one more product per
+iteration with the layer's shared inverse, for units that keep most of their weights. ``Hhat_SS^-1`` differs
+from it by a term of rank ``|not S|`` (the Schur complement identity), so the preconditioned system has at most
+that many eigenvalues away from 1: on a 512 x 4,608 layer keeping 70 %, 36 iterations instead of 196. Every iteration lowers the unit's quadratic model, so the result is never worse than
 plain pruning and approaches the direct solution; a unit stops on its own once converged (its step is then 0).
 Work is in float32, the precision the choice of a tolerance of ``1e-3`` needs; the direct solver stays float64.
 """
@@ -23,20 +26,25 @@ DTYPE = torch.float32
 
 @torch.no_grad()
 def conjugate_gradient_merge(matrix: torch.Tensor, curvature, name: str, rows: torch.Tensor, pruned_now: torch.Tensor,
-                             kept: torch.Tensor, tolerance: float = TOLERANCE,
-                             max_iterations: int = MAX_ITERATIONS) -> torch.Tensor:
+                             kept: torch.Tensor, tolerance: float = TOLERANCE, max_iterations: int = MAX_ITERATIONS,
+                             preconditioner: str = "jacobi") -> torch.Tensor:
     """Add ``dW_S`` to ``matrix[rows]`` (kept entries only), in place; returns the iterations each unit took.
 
     ``matrix``: the layer ``(out_units, fan_in)``; ``pruned_now``, ``kept``: bool ``(len(rows), fan_in)``.
     Entries neither kept nor pruned now are never changed; the pruned ones are not zeroed here.
+    ``preconditioner="inverse"`` needs a view with a shared inverse (``curvature.inverse_times``).
     """
     out_units = matrix.shape[0]
     keep = kept.to(DTYPE)
     pruned_weights = matrix[rows].to(DTYPE) * pruned_now
     residual = curvature.times(name, out_units, rows, pruned_weights, dtype=DTYPE) * keep  # Hhat_SP w_P
-    preconditioner = keep / curvature.diagonal(name, out_units)[rows].to(DTYPE)
+    if preconditioner == "inverse":
+        precondition = lambda vectors: curvature.inverse_times(name, out_units, rows, vectors, dtype=DTYPE) * keep
+    else:
+        diagonal = keep / curvature.diagonal(name, out_units)[rows].to(DTYPE)
+        precondition = lambda vectors: vectors * diagonal
     update = torch.zeros_like(residual)
-    preconditioned = residual * preconditioner
+    preconditioned = precondition(residual)
     direction = preconditioned.clone()
     product = (residual * preconditioned).sum(1)
     stop = tolerance**2 * product
@@ -52,7 +60,7 @@ def conjugate_gradient_merge(matrix: torch.Tensor, curvature, name: str, rows: t
                            product / curvature_along.clamp_min(torch.finfo(DTYPE).tiny), 0.0)[:, None]
         update += step * direction
         residual -= step * along
-        preconditioned = residual * preconditioner
+        preconditioned = precondition(residual)
         new_product = (residual * preconditioned).sum(1)
         direction = preconditioned + (new_product / product.clamp_min(torch.finfo(DTYPE).tiny))[:, None] * direction
         product = torch.where(active, new_product, product)

@@ -84,7 +84,8 @@ def least_squares_merge(matrix: torch.Tensor, curvature, name: str, pruned_now: 
     ``dW = -Hinv_{:,Q} (Hinv_QQ)^-1 t_Q`` with ``t = w`` on the weights pruned now and 0 on
     those already zero. Units are chunked by width (padding masked). ``solver="cg"``: conjugate
     gradients for every unit (:mod:`~camphive.pruning.unstructured.iterative_merge`, to a relative
-    residual of 1e-3); ``"auto"``: direct where that side is at most ``DIRECT_WIDTH`` wide, conjugate
+    residual of 1e-3; preconditioned by ``(Hinv)_SS`` where the complement is the smaller side, by the
+    diagonal elsewhere); ``"auto"``: direct where that side is at most ``DIRECT_WIDTH`` wide, conjugate
     gradients for wider units (the factorisations would cost more). Pruned entries are zeroed
     afterwards; weights neither kept nor pruned now are never changed.
     """
@@ -99,11 +100,13 @@ def least_squares_merge(matrix: torch.Tensor, curvature, name: str, pruned_now: 
         dual = torch.zeros_like(kept_counts, dtype=torch.bool)
     widths = torch.where(dual, fan_in - kept_counts, kept_counts)
     iterative = torch.full_like(dual, solver == "cg") if solver != "auto" else widths > DIRECT_WIDTH
-    chosen = units[iterative]
-    step = max(1, chunk_elements // fan_in)
-    for start in range(0, chosen.numel(), step):
-        rows = chosen[start : start + step]
-        conjugate_gradient_merge(matrix, curvature, name, rows, pruned_now[rows], kept[rows])
+    for use_dual in (False, True):  # units keeping most of their weights: preconditioned by the shared inverse
+        chosen = units[iterative & (dual == use_dual)]
+        step = max(1, chunk_elements // fan_in)
+        for start in range(0, chosen.numel(), step):
+            rows = chosen[start : start + step]
+            conjugate_gradient_merge(matrix, curvature, name, rows, pruned_now[rows], kept[rows],
+                                     preconditioner="inverse" if use_dual else "jacobi")
     for use_dual in (False, True):
         direct = ~iterative & (dual == use_dual)
         _solve_directly(matrix, curvature, name, units[direct], widths[direct], pruned_now, kept, use_dual,

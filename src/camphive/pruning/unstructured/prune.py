@@ -3,7 +3,8 @@
 Each cycle (:func:`camphive.pruning.core.driver.run_cycles`) re-estimates curvature on the
 current (partly pruned) model; this mode scores the weights still alive, selects the
 lowest-scoring ones up to the cycle's target sparsity (which sets how many each output unit keeps),
-re-chooses which ones by forward selection where a unit keeps few (``unit_selection="greedy"``),
+re-chooses which ones by forward selection where a unit keeps few, in the last cycle
+(``unit_selection="greedy"``),
 pairs each pruned weight with a kept partner in its output unit and merges it (or folds it into all
 kept weights by least squares), and fixes the masks. Criteria differ only in their scores, so
 comparisons between them are fair by construction. The options are
@@ -110,7 +111,9 @@ class UnstructuredRun(PruningMode):
         else:
             scores = self.criterion.scores(info)
             pruned_now = self.select(scores, target)
-            if settings.unit_selection == "greedy":
+            # Forward selection in the last cycle only: the earlier cycles' choices are provisional, and there
+            # units keep many weights, where it costs the most (docs/method.md, section 4).
+            if settings.unit_selection == "greedy" and cycle == settings.cycles - 1:
                 pruned_now = self.choose_within_units(pruned_now, info)
         changed = any(bool(mask.any()) for mask in pruned_now.values())
         if changed and not solved:

@@ -45,8 +45,8 @@ class UnstructuredSettings(PruneSettings):
     pruned in each output unit (:mod:`~camphive.pruning.unstructured.patterns`); ``sparsity`` is then N/M
     and may be omitted; layers the pattern does not fit stay dense; ``selection`` and ``min_keep`` do not apply.
     ``unit_selection``: which weights each output unit keeps once the selection has set how many: "greedy"
-    (CAMP-HiVe's default; jointly, by forward selection on the layer's Gram, in the units that keep at most
-    half of their alive weights: :mod:`~camphive.pruning.unstructured.greedy_selection`) or "scores".
+    (CAMP-HiVe's default; jointly, by forward selection on the layer's Gram, in the last cycle, in the units that
+    keep at most half of their alive weights: :mod:`~camphive.pruning.unstructured.greedy_selection`) or "scores".
     ``merge_solver``: how the least-squares merge is solved: "auto" (the default: a direct factorisation per
     unit where its system is at most 128 wide, conjugate gradients for wider ones), "direct" or "cg".
     """
@@ -84,8 +84,8 @@ class UnstructuredSettings(PruneSettings):
                 "per output unit; the sparsity is N/M", "default": "", "panel": "Pruning"})
     unit_selection: str | None = field(default=None, metadata={
         "help": "Which weights each output unit keeps (how many is the selection's): greedy (chosen jointly by "
-                "forward selection on the layer's Gram where a unit keeps at most half of its alive weights) "
-                "or scores (its highest scores)", "default": "greedy for camp-hive, else scores", "panel": "CAMP-HiVe"})
+                "forward selection on the layer's Gram, in the last cycle, where a unit keeps at most half of its "
+                "alive weights) or scores (its highest scores)", "default": "greedy for camp-hive, else scores", "panel": "CAMP-HiVe"})
     merge_solver: str | None = field(default=None, metadata={
         "help": "How the least-squares merge is solved: auto (direct per unit up to 128 wide, conjugate gradients "
                 "above), direct or cg", "default": "auto with merge least_squares", "panel": "CAMP-HiVe"})
