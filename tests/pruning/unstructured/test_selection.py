@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from camphive.errors import ConfigError
-from camphive.pruning.unstructured.selection import cycle_targets, keep_floor, select_to_prune
+from camphive.pruning.unstructured.selection import _first_in_order, cycle_targets, keep_floor, select_to_prune
 
 
 def _scores(*shapes, seed=0):
@@ -57,3 +57,16 @@ def test_bad_sparsity(sparsity):
     scores = {"a": torch.rand(10)}
     with pytest.raises(ConfigError, match="sparsity must be in"):
         select_to_prune(scores, {"a": torch.ones(10, dtype=torch.bool)}, sparsity)
+
+
+def test_first_in_order_is_what_a_stable_sort_puts_first_ties_and_infinities_included():
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        values = torch.randint(0, 5, (200,), generator=generator).double()  # many ties
+        values[torch.rand(200, generator=generator) < 0.2] = float("inf")
+        values[torch.rand(200, generator=generator) < 0.1] = -float("inf")
+        for count in (0, 1, 37, 150, 200):
+            for largest in (False, True):
+                expected = torch.zeros(200, dtype=torch.bool)
+                expected[torch.sort(values, descending=largest, stable=True).indices[:count]] = True
+                assert torch.equal(_first_in_order(values, count, largest), expected), (trial, count, largest)

@@ -127,13 +127,9 @@ def select_to_prune(
         score = scores[name].detach().flatten().double().clone()
         live = alive[name].flatten()
         score[~live] = math.inf
-        protected = _highest_indices(score, live, floors[name])
-        score[protected] = math.inf
+        score[_first_in_order(score.masked_fill(~live, -math.inf), floors[name], largest=True)] = math.inf
         candidates.append(score)
-    flat = torch.cat(candidates)
-    order = _stable_argsort(flat)[:wanted]
-    picked = torch.zeros(flat.numel(), dtype=torch.bool)
-    picked[order] = True
+    picked = _first_in_order(torch.cat(candidates), wanted)
     chosen, offset = {}, 0
     for name in names:
         size = alive[name].numel()
@@ -142,23 +138,25 @@ def select_to_prune(
     return chosen
 
 
-def _stable_argsort(values: torch.Tensor) -> torch.Tensor:
-    return torch.sort(values, stable=True).indices
+def _first_in_order(values: torch.Tensor, count: int, largest: bool = False) -> torch.Tensor:
+    """Bool mask of the ``count`` entries a stable sort of the 1-D ``values`` puts first (ascending, or descending
+    with ``largest``; ties by position). In linear time: all entries beyond the count-th value, then the
+    first of those equal to it, by position."""
+    picked = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
+    if count <= 0:
+        return picked
+    ranked = -values if largest else values
+    threshold = torch.kthvalue(ranked.cpu(), min(count, values.numel())).values.to(values.device)
+    picked |= ranked < threshold
+    ties = (ranked == threshold).nonzero().flatten()
+    picked[ties[: count - int(picked.sum())]] = True
+    return picked
 
 
 def _lowest(score: torch.Tensor, alive: torch.Tensor, count: int) -> torch.Tensor:
     flat = score.detach().flatten().double().clone()
     flat[~alive.flatten()] = math.inf
-    picked = torch.zeros(flat.numel(), dtype=torch.bool, device=alive.device)
-    if count > 0:
-        picked[_stable_argsort(flat)[:count]] = True
-    return picked.view_as(alive)
-
-
-def _highest_indices(score: torch.Tensor, live: torch.Tensor, count: int) -> torch.Tensor:
-    ranked = score.clone()
-    ranked[~live] = -math.inf
-    return torch.sort(ranked, descending=True, stable=True).indices[:count]
+    return _first_in_order(flat, count).view_as(alive)
 
 
 def _unit_rows(tensor: torch.Tensor) -> torch.Tensor:
