@@ -164,24 +164,44 @@ def _layer_output_error(before: nn.Module, after: nn.Module, batches) -> float:
         return sum(float(((before(inputs) - after(inputs)) ** 2).sum()) for inputs, _ in batches)
 
 
-def test_greedy_unit_selection_keeps_the_counts_and_reconstructs_better_than_scores():
+def _correlated_linear():
     torch.manual_seed(0)
     layer = nn.Linear(24, 6, bias=False).double()
     generator = torch.Generator().manual_seed(1)
     mixing = torch.eye(24, dtype=torch.float64) + 0.6 * torch.randn(24, 24, generator=generator, dtype=torch.float64)
     batches = [(torch.randn(64, 24, generator=generator, dtype=torch.float64) @ mixing, torch.zeros(64, dtype=torch.long))
                for _ in range(2)]
+    return layer, batches
+
+
+def _prune_both_ways(layer, batches, **options):
     runs = {}
     for unit_selection in ("scores", "greedy"):
         model = copy.deepcopy(layer)
-        result = prune(model, batches, 0.85, cycles=1, unit_selection=unit_selection, loss_weighting="none",
-                       loss_fn=lambda outputs, targets: outputs.pow(2).mean())
+        result = prune(model, batches, 0.85, unit_selection=unit_selection, loss_weighting="none",
+                       loss_fn=lambda outputs, targets: outputs.pow(2).mean(), **options)
         assert result.config["unit_selection"] == unit_selection
         runs[unit_selection] = (model, result.masks["weight"])
+    return runs
+
+
+def test_greedy_unit_selection_keeps_the_counts_and_reconstructs_better_than_scores():
+    layer, batches = _correlated_linear()
+    runs = _prune_both_ways(layer, batches, cycles=1)
     (scores_model, scores_mask), (greedy_model, greedy_mask) = runs["scores"], runs["greedy"]
     assert torch.equal(scores_mask.sum(1), greedy_mask.sum(1))  # the selection sets the counts
     assert not torch.equal(scores_mask, greedy_mask)
     assert _layer_output_error(layer, greedy_model, batches) < _layer_output_error(layer, scores_model, batches)
+
+
+def test_forward_selection_runs_in_the_last_cycle_only():
+    # Constant schedule, two cycles: every weight goes in cycle 1, the last cycle prunes nothing, so forward
+    # selection (last cycle only) never chooses and greedy prunes exactly as the scores do; in one cycle it differs.
+    layer, batches = _correlated_linear()
+    runs = _prune_both_ways(layer, batches, cycles=2, schedule="constant")
+    assert torch.equal(runs["scores"][1], runs["greedy"][1])
+    runs = _prune_both_ways(layer, batches, cycles=1, schedule="constant")
+    assert not torch.equal(runs["scores"][1], runs["greedy"][1])
 
 
 def test_unit_selection_defaults_and_refusals():
