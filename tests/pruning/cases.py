@@ -3,6 +3,17 @@ import torch
 from torch import nn
 
 
+def explicit_least_squares(weights, matrices, pruned, kept) -> torch.Tensor:
+    """The least-squares merge by one explicit solve per unit: ``W_S += H_SS^-1 H_SP w_P``, then ``W_P = 0``."""
+    expected = weights.clone()
+    for r in range(weights.shape[0]):
+        S, P = kept[r].nonzero().flatten(), pruned[r].nonzero().flatten()
+        if len(S) and len(P):
+            expected[r, S] += torch.linalg.solve(matrices[r][S][:, S], matrices[r][S][:, P] @ weights[r, P])
+        expected[r, P] = 0
+    return expected
+
+
 def gaussian_covariance(dim: int, seed: int = 0, samples: int = 64) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     inputs = torch.randn(samples, dim, generator=generator, dtype=torch.float64)

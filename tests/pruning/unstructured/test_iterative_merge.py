@@ -6,6 +6,7 @@ from camphive.pruning.core.unit_curvature import LowRankLossCurvature, Reconstru
 from camphive.pruning.unstructured.iterative_merge import conjugate_gradient_merge
 from camphive.pruning.unstructured.merging import DIRECT_WIDTH, least_squares_merge
 from camphive.pruning.unstructured.settings import UnstructuredSettings
+from tests.pruning.cases import explicit_least_squares
 
 
 def _correlated_covariance(fan_in: int, seed: int) -> torch.Tensor:
@@ -23,16 +24,6 @@ def _masks(out_units, fan_in, kept_fraction, seed):
     earlier = draw > 0.9  # pruned in an earlier cycle: zero, never changed
     kept = draw < kept_fraction
     return ~kept & ~earlier, kept, earlier
-
-
-def _explicit(weights, matrices, pruned, kept):
-    expected = weights.clone()
-    for r in range(weights.shape[0]):
-        S, P = kept[r].nonzero().flatten(), pruned[r].nonzero().flatten()
-        if len(S) and len(P):
-            expected[r, S] += torch.linalg.solve(matrices[r][S][:, S], matrices[r][S][:, P] @ weights[r, P])
-    expected[pruned] = 0
-    return expected
 
 
 def _error(merged, weights, matrices):
@@ -58,7 +49,7 @@ def test_conjugate_gradients_reach_the_explicit_solution_of_every_view(kept_frac
                                       {"w": torch.rand(6, fan_in, generator=generator, dtype=torch.float64) + 0.1},
                                       damping=0.01)):
         matrices = view.unit_matrices("w", 6, torch.arange(6))
-        expected = _explicit(weights, matrices, pruned, kept)
+        expected = explicit_least_squares(weights, matrices, pruned, kept)
         for preconditioner in ("jacobi", "inverse") if view.has_shared_inverse("w") else ("jacobi",):
             merged = weights.clone()
             iterations = conjugate_gradient_merge(merged, view, "w", torch.arange(6), pruned, kept, tolerance=1e-4,

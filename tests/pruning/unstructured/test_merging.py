@@ -2,7 +2,7 @@ import torch
 
 from camphive.pruning.core.unit_curvature import LowRankLossCurvature, ReconstructionCurvature
 from camphive.pruning.unstructured.merging import least_squares_merge, merge_into_partner, pair_merge
-from tests.pruning.cases import gaussian_covariance
+from tests.pruning.cases import explicit_least_squares, gaussian_covariance
 
 
 def test_curvature_merge_of_a_single_pair_is_the_closed_form():
@@ -99,16 +99,6 @@ def test_grouped_reconstruction_view_uses_each_units_group():
     assert torch.allclose(view.bilinear("w", left, left), expected)
 
 
-def _explicit_least_squares(weights, matrices, pruned, kept):
-    expected = weights.clone()
-    for r in range(weights.shape[0]):
-        S, P = kept[r].nonzero().flatten(), pruned[r].nonzero().flatten()
-        if len(S) and len(P):
-            expected[r, S] += torch.linalg.solve(matrices[r][S][:, S], matrices[r][S][:, P] @ weights[r, P])
-        expected[r, P] = 0
-    return expected
-
-
 def test_views_restrict_and_apply_their_unit_matrices_exactly():
     generator = torch.Generator().manual_seed(3)
     values = torch.tensor([2.0, -0.5, 1.0], dtype=torch.float64)
@@ -142,7 +132,7 @@ def test_least_squares_merge_is_exact_for_every_view_side_and_chunking():
         kept = ~pruned & ~earlier
         for view in (LowRankLossCurvature(values, {"w": vectors}, {"w": residual}, damping=0.0),
                      ReconstructionCurvature({"w": grouped}, damping=0.0)):
-            expected = _explicit_least_squares(weights, view.unit_matrices("w", 8, torch.arange(8)), pruned, kept)
+            expected = explicit_least_squares(weights, view.unit_matrices("w", 8, torch.arange(8)), pruned, kept)
             for chunk_elements in (1, 2**22):  # one unit per chunk, and all at once
                 merged = weights.clone()
                 least_squares_merge(merged, view, "w", pruned, kept, chunk_elements=chunk_elements)
