@@ -43,12 +43,14 @@ def conjugate_gradient_merge(matrix: torch.Tensor, curvature, name: str, rows: t
     keep = kept.to(DTYPE)
     pruned_weights = matrix[rows].to(DTYPE) * pruned_now
     residual = curvature.times(name, out_units, rows, pruned_weights, dtype=DTYPE) * keep  # Hhat_SP w_P
-    diagonal = keep / curvature.diagonal(name, out_units)[rows].to(DTYPE)
-
-    def precondition(vectors: torch.Tensor) -> torch.Tensor:
-        if preconditioner == "inverse":
+    if preconditioner == "inverse":
+        def precondition(vectors: torch.Tensor) -> torch.Tensor:
             return curvature.inverse_times(name, out_units, rows, vectors, dtype=DTYPE) * keep
-        return vectors * diagonal
+    else:
+        diagonal = keep / curvature.diagonal(name, out_units)[rows].to(DTYPE)
+
+        def precondition(vectors: torch.Tensor) -> torch.Tensor:
+            return vectors * diagonal
 
     update = torch.zeros_like(residual)
     preconditioned = precondition(residual)

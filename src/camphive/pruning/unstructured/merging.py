@@ -100,14 +100,14 @@ def least_squares_merge(matrix: torch.Tensor, curvature, name: str, pruned_now: 
         dual = torch.zeros_like(kept_counts, dtype=torch.bool)
     widths = torch.where(dual, fan_in - kept_counts, kept_counts)
     iterative = torch.full_like(dual, solver == "cg") if solver != "auto" else widths > DIRECT_WIDTH
-    for use_dual in (False, True):  # units keeping most of their weights: preconditioned by the shared inverse
+    step = max(1, chunk_elements // fan_in)
+    for use_dual in (False, True):
+        # Conjugate gradients: units keeping most of their weights (dual) preconditioned by the shared inverse.
         chosen = units[iterative & (dual == use_dual)]
-        step = max(1, chunk_elements // fan_in)
         for start in range(0, chosen.numel(), step):
             rows = chosen[start : start + step]
             conjugate_gradient_merge(matrix, curvature, name, rows, pruned_now[rows], kept[rows],
                                      preconditioner="inverse" if use_dual else "jacobi")
-    for use_dual in (False, True):
         direct = ~iterative & (dual == use_dual)
         _solve_directly(matrix, curvature, name, units[direct], widths[direct], pruned_now, kept, use_dual,
                         chunk_elements)
