@@ -10,9 +10,11 @@ Sections (``--sections``):
   here or read from the cache), every criterion at each MACs reduction (``--ratios``):
   accuracy right after pruning, after BatchNorm recalibration on the calibration images, and
   after a short fine-tune; plus CPU latency of the pruned shapes (batch 1 and 64).
-* ``latency``: the latency part of ``criteria`` alone (L1-pruned shapes), for re-timing.
+* ``latency``: the latency part of ``criteria`` alone (L1-pruned shapes, with the same rounding
+  levers as ``speed``), for re-timing.
 * ``speed``: resnet56 at CIFAR size (3x32x32, untrained: MACs and latency only) at each
-  ratio, with and without ``round_to=8`` and BatchNorm folding.
+  ratio, with exact channel counts and rounded to multiples of 8 and of the default's multiple
+  (16 on AVX-512 CPUs), with and without BatchNorm folding.
 
 Every criterion runs through the same entry (``prune_structured``), with the same
 calibration images, allocation (uniform per group), target and fine-tune; only scores
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import os
 import sys
 import tempfile
@@ -36,6 +39,7 @@ from common import append_results, dense_model, keep_freed_memory  # noqa: E402 
 
 from camphive import data, models  # noqa: E402
 from camphive.data.transforms import default_transform  # noqa: E402
+from camphive.devices import cpu_vector_floats  # noqa: E402
 from camphive.export import export_onnx, fold_batchnorm  # noqa: E402
 from camphive.measure import count_macs, count_parameters, measure_latency, measure_onnx_latency  # noqa: E402
 from camphive.pruning.core.batchnorm import recalibrate_batchnorm  # noqa: E402
@@ -161,7 +165,7 @@ def criteria_section(args, evaluation: Evaluation) -> tuple[str, list[str]]:
                      f"{count_parameters(dense) / 1e3:.0f} k parameters)\n")
         lines.append("Accuracy right after pruning / after BN recalibration on the calibration images / after "
                      f"{args.finetune_epochs} fine-tune epoch(s) on {args.finetune_subset} images; uniform allocation"
-                     f"{f', channel counts rounded to multiples of {args.round_to}' if args.round_to > 1 else ''}; "
+                     f"{rounding_note(args.round_to)}; "
                      "MACs ratio achieved in brackets:\n")
         header = "| criterion | " + " | ".join(f"{r:g}x" for r in ratios) + " |"
         lines += [header, "|---|" + "---|" * len(ratios)]
@@ -200,20 +204,30 @@ def accuracy_verdicts(name: str, table: dict, ratios: list[float]) -> list[str]:
     return verdicts
 
 
+def rounding_note(round_to: int) -> str:
+    """How ``--round-to`` rounded the channel counts, for the table's caption."""
+    if round_to <= 1:
+        return ""
+    narrow = f" ({round_to // 2} in groups of fewer than {2 * round_to} channels)" if round_to >= 16 else ""
+    return f", channel counts rounded to multiples of {round_to}{narrow}"
+
+
 def latency_table(name: str, dense, shapes: dict, ratios, calibration, args, note: str,
                   add_rounded: bool = True) -> tuple[str, list[str]]:
-    """Latency of ``dense`` and the pruned ``shapes``, plus the levers: ``round_to=8`` shapes for the same
-    targets, BatchNorm folding of every model, the NHWC layout, onnxruntime on the exported file, and
+    """Latency of ``dense`` and the pruned ``shapes``, plus the levers: shapes rounded to multiples of 8 and of
+    the default's multiple (:func:`camphive.devices.cpu_vector_floats`, in groups of >= 16) for the same targets, BatchNorm folding of every model, the NHWC layout, onnxruntime on the exported file, and
     torch.compile (NHWC, folded models).
     Each speed-up is against the dense model in the same layout (folded against folded)."""
     candidates = {"dense": dense}
     for label, model in shapes.items():
         candidates[label] = model
-    for ratio in ratios if add_rounded else ():  # the round_to=8 lever: same target, counts in multiples of 8
+    multiples = sorted({8, cpu_vector_floats()})  # the rounding levers: multiples of 8 and the default's
+    for ratio, multiple in itertools.product(ratios if add_rounded else (), multiples):  # same target, rounded
         rounded = copy.deepcopy(dense)
-        prune_structured(rounded, calibration, target_macs_ratio=ratio, criterion="magnitude", round_to=8,
-                         measure_latency=False)
-        candidates[f"{ratio:g}x, round_to 8"] = rounded
+        prune_structured(rounded, calibration, target_macs_ratio=ratio, criterion="magnitude", round_to=multiple,
+                         round_min_group=16, measure_latency=False)
+        default = " (the default here)" if multiple == cpu_vector_floats() else ""
+        candidates[f"{ratio:g}x, round_to {multiple}{default}"] = rounded
     unfolded = dict(candidates)
     folded = {f"{label}, BN folded": fold_batchnorm(model) for label, model in candidates.items()}
     candidates.update(folded)
@@ -270,7 +284,7 @@ def latency_section(args) -> tuple[str, list[str]]:
         for ratio in ratios:
             model = copy.deepcopy(dense)
             prune_structured(model, calibration, target_macs_ratio=ratio, criterion="magnitude", measure_latency=False,
-                         round_to=1)  # exact counts: the round_to=8 shapes are the lever compared
+                         round_to=1)  # exact counts: the rounded shapes are the levers compared
             shapes[f"{ratio:g}x"] = model
         body, found = latency_table(name, dense, shapes, ratios, calibration, args, "1x28x28 Fashion-MNIST input")
         parts.append(body)
@@ -289,7 +303,7 @@ def speed_section(args) -> tuple[str, list[str]]:
     for ratio in ratios:
         model = copy.deepcopy(dense)
         prune_structured(model, calibration, target_macs_ratio=ratio, criterion="magnitude", measure_latency=False,
-                         round_to=1)  # exact counts: the round_to=8 shapes are the lever compared
+                         round_to=1)  # exact counts: the rounded shapes are the levers compared
         shapes[f"{ratio:g}x"] = model
     macs = count_macs(dense, calibration[0][0][:1]).total
     return latency_table("resnet56", dense, shapes, ratios, calibration, args,
@@ -314,7 +328,7 @@ def main(argv=None) -> None:
     parser.add_argument("--latency-seconds", type=float, default=3.0)
     parser.add_argument("--round-to", type=int, default=1,
                         help="criteria: round every criterion's channel counts (1: exact counts; prune's own default "
-                             "is 8 in groups of 16 or more)")
+                             "is the CPU's vector width, 16 with AVX-512 else 8, in groups of 16 or more)")
     parser.add_argument("--no-criteria-latency", dest="criteria_latency", action="store_false",
                         help="criteria: accuracy only (time the shapes with --sections latency)")
     parser.add_argument("--threads", type=int, default=1)

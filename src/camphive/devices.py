@@ -41,3 +41,10 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu or auto")
     return resolved
+
+
+def cpu_vector_floats() -> int:
+    """Float32 values in one vector register as torch dispatches this CPU's kernels: 16 with
+    AVX-512, else 8 (AVX2 and the rest). oneDNN convolutions and ONNX Runtime block channels by
+    it, so channel counts off its multiples are padded up (``ATEN_CPU_CAPABILITY=avx2`` lowers it)."""
+    return 16 if torch.backends.cpu.get_cpu_capability().upper().startswith("AVX512") else 8

@@ -9,7 +9,14 @@ from camphive.errors import ConfigError
 from camphive.measure import count_macs
 from camphive.pruning.core.calibration import CalibrationInfo
 from camphive.pruning.criteria import make_criterion
-from camphive.pruning.structured.budget import MacsModel, round_kept, uniform_kept
+from camphive.pruning.structured.budget import (
+    ChannelRounding,
+    MacsModel,
+    channel_step,
+    round_kept,
+    uniform_kept,
+    uniform_kept_for_macs,
+)
 from camphive.pruning.structured.groups import (
     build_dependency_graph,
     channel_groups,
@@ -148,3 +155,30 @@ def test_round_kept_makes_multiples():
     assert round_kept(13, 32, 8) == 16 and round_kept(3, 32, 8) == 8 and round_kept(21, 30, 8) == 24
     assert round_kept(29, 30, 8) == 30  # never more than the group has
     assert round_kept(5, 16, None) == 5
+
+
+def test_channel_rounding_halves_its_multiple_in_groups_narrower_than_twice_it_but_never_below_8():
+    sixteen = ChannelRounding(16, 16)
+    assert [sixteen.multiple_for(n) for n in (15, 16, 24, 31, 32, 64)] == [1, 8, 8, 8, 16, 16]
+    assert [ChannelRounding(32).multiple_for(n) for n in (8, 16, 40, 64)] == [8, 8, 16, 32]
+    assert [ChannelRounding(8, 16).multiple_for(n) for n in (12, 16)] == [1, 8]  # 8 is never halved
+    assert ChannelRounding(12).multiple_for(16) == 12 and ChannelRounding(1).multiple_for(64) == 1
+
+
+@pytest.mark.parametrize("multiple", [8, 16])
+def test_uniform_macs_budget_on_coarse_multiples_reaches_the_target_and_gives_back_what_it_can(multiple):
+    model = models.create("resnet20")
+    example = torch.randn(1, 3, 32, 32)
+    _, by_key = _groups(model, example)
+    groups = list(by_key.values())
+    macs_model = MacsModel(model, groups, count_macs(model, example))
+    rounding = ChannelRounding(multiple, 16)
+    target = macs_model.total / 2
+    kept, _ = uniform_kept_for_macs(groups, {}, macs_model, target, rounding, 1)
+    steps = {group.key: channel_step(group, rounding) for group in groups}
+    assert macs_model.predict(kept) <= target
+    assert all(kept[key] % steps[key] == 0 or kept[key] == by_key[key].size for key in kept)
+    for key in kept:  # no group can take one more multiple back without missing the target
+        if kept[key] < by_key[key].size:
+            assert macs_model.predict({**kept, key: min(by_key[key].size, kept[key] + steps[key])}) > target
+    assert macs_model.total / macs_model.predict(kept) < 2.2

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from camphive.devices import cpu_vector_floats
 from camphive.errors import ConfigError
 from camphive.pruning.core.settings import PruneSettings, check_choice
 from camphive.pruning.criteria import Criterion, canonical_name, is_camp_hive, is_layer_solver, make_criterion
@@ -14,8 +15,9 @@ from camphive.pruning.structured.merging import BETA_SOURCES, FLATTEN_FITS, STRU
 # (benchmarks/structured.py, benchmarks/RESULTS.md, docs/method.md).
 DEFAULTS = {"channel_score": "greedy_obs", "merge": "least_squares", "pairing": "coupled", "beta_from": "activations",
             "flatten_fit": "shared", "intercept": False, "recalibrate_bn": True, "cycles": 1,
-            # Kept channels in multiples of 8 where a group had at least 16 (benchmarks/structured.py).
-            "round_to": 8, "round_min_group": 16}
+            # Kept channels in multiples of the CPU's float32 vector width (round_to: cpu_vector_floats(),
+            # 16 with AVX-512, else 8) where a group had at least 16 (benchmarks/structured.py).
+            "round_min_group": 16}
 
 
 @dataclass(frozen=True)
@@ -25,9 +27,10 @@ class StructuredSettings(PruneSettings):
     ``target_macs_ratio`` (2.0 = half the MACs), reached linearly over ``cycles``.
 
     ``round_to`` rounds kept channel counts to multiples of it, in groups that had at least
-    ``round_min_group`` channels. Default (``round_to=None``): multiples of 8 in groups of at
-    least 16 channels, measured to give the fast shapes (convolution kernels run multiples of 8
-    channels best; unrounded counts bought only 0.44-0.78 of the MACs reduction in latency);
+    ``round_min_group`` channels. Default (``round_to=None``): multiples of this CPU's float32
+    vector width (:func:`camphive.devices.cpu_vector_floats`: 16 with AVX-512, else 8) in groups of
+    at least 16 channels, measured to give the fast shapes (convolution kernels pad channel counts
+    to the vector width; unrounded counts bought only 0.44-0.78 of the MACs reduction in latency);
     ``round_to=1`` keeps exact counts; an explicit ``round_to`` rounds every group unless
     ``round_min_group`` says otherwise. Every group keeps at least ``min_channels`` (a count, or a
     fraction if < 1). ``channel_score``
@@ -46,7 +49,8 @@ class StructuredSettings(PruneSettings):
         "help": "Rank channels across layers", "off_help": "Remove the same fraction of every layer",
         "panel": "Structured"})
     round_to: int | None = field(default=None, metadata={
-        "help": "Keep channel counts in multiples of N (1: exact)", "default": "8 in groups of >= 16 channels",
+        "help": "Keep channel counts in multiples of N (1: exact)",
+        "default": "the CPU's vector width (16 with AVX-512, else 8) in groups of >= 16 channels",
         "min": 1, "panel": "Structured"})
     round_min_group: int | None = field(default=None, metadata={
         "help": "Round only groups of at least N channels", "default": "16 with the default --round-to, else 0",
@@ -91,7 +95,7 @@ class StructuredSettings(PruneSettings):
         if self.round_min_group is not None and self.round_min_group < 0:
             raise ConfigError(f"round_min_group must be a channel count >= 0, got {self.round_min_group}")
         if self.round_to is None:
-            self._set("round_to", DEFAULTS["round_to"])
+            self._set("round_to", cpu_vector_floats())
             self._set("round_min_group", DEFAULTS["round_min_group"] if self.round_min_group is None
                       else self.round_min_group)
         elif self.round_min_group is None:
