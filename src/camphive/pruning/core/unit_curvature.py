@@ -61,8 +61,7 @@ class ReconstructionCurvature(UnitCurvature):
 
     def __init__(self, covariances: Mapping[str, torch.Tensor], damping: float = 0.01):
         self.damping = damping
-        self._cached_inverse: tuple[str | None, torch.Tensor | None] = (None, None)
-        self._copies: dict[str, tuple] = {}  # per kind ("matrices", "inverse"): the last layer's copy in a dtype
+        self._last: dict[str, tuple] = {}  # per kind: ((layer, dtype), tensor) for the last layer asked
         self._matrices: dict[str, torch.Tensor] = {}
         for name, matrix in covariances.items():
             matrix = matrix if matrix.ndim == 3 else matrix.unsqueeze(0)
@@ -111,13 +110,17 @@ class ReconstructionCurvature(UnitCurvature):
         return self._apply(self._converted("matrices", name, self._matrices[name], dtype),
                            self._groups_of(name, rows, out_units), vectors)
 
+    def _kept_for_last_layer(self, kind: str, name: str, dtype: torch.dtype, make) -> torch.Tensor:
+        """``make()``, kept until another layer or dtype is asked for this ``kind`` (layers are solved one at a
+        time, so one layer's derived matrices are all that is held)."""
+        if self._last.get(kind, (None,))[0] != (name, dtype):
+            self._last[kind] = ((name, dtype), make())
+        return self._last[kind][1]
+
     def _converted(self, kind: str, name: str, matrices: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
         if dtype is None or dtype == matrices.dtype:
             return matrices
-        key = (name, dtype)
-        if self._copies.get(kind, (None,))[0] != key:
-            self._copies[kind] = (key, matrices.to(dtype))
-        return self._copies[kind][1]
+        return self._kept_for_last_layer(f"{kind} copy", name, dtype, lambda: matrices.to(dtype))
 
     @staticmethod
     def _apply(matrices: torch.Tensor, groups: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
@@ -131,10 +134,8 @@ class ReconstructionCurvature(UnitCurvature):
 
     def _inverse(self, name: str) -> torch.Tensor:
         """``Hhat^-1`` per group in float64, kept for the last layer asked (one layer at a time)."""
-        if self._cached_inverse[0] != name:
-            matrices = self._matrices[name].double()
-            self._cached_inverse = (name, torch.cholesky_inverse(torch.linalg.cholesky(matrices)))
-        return self._cached_inverse[1]
+        return self._kept_for_last_layer("inverse", name, torch.float64,
+                                         lambda: torch.cholesky_inverse(torch.linalg.cholesky(self._matrices[name].double())))
 
     def inverse_submatrices(self, name: str, out_units: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """``(n, m, m)``: ``Hhat^-1`` of unit ``rows[i]`` restricted to the distinct indices ``cols[i, :]``."""
