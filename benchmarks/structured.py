@@ -214,9 +214,10 @@ def rounding_note(round_to: int) -> str:
 
 def latency_table(name: str, dense, shapes: dict, ratios, calibration, args, note: str,
                   add_rounded: bool = True) -> tuple[str, list[str]]:
-    """Latency of ``dense`` and the pruned ``shapes``, plus the levers: shapes rounded to multiples of 8 and of
-    the default's multiple (:func:`camphive.devices.cpu_vector_floats`, in groups of >= 16) for the same targets, BatchNorm folding of every model, the NHWC layout, onnxruntime on the exported file, and
-    torch.compile (NHWC, folded models).
+    """Latency of ``dense`` and the pruned ``shapes``, plus the levers: shapes rounded to multiples of 8 and
+    of the default's multiple (:func:`camphive.devices.cpu_vector_floats`, in groups of >= 16) for the
+    same targets, BatchNorm folding of every model, the NHWC layout, onnxruntime on the exported file,
+    and torch.compile (NHWC, folded models).
     Each speed-up is against the dense model in the same layout (folded against folded)."""
     candidates = {"dense": dense}
     for label, model in shapes.items():

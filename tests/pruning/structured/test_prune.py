@@ -222,13 +222,17 @@ def test_a_gpu_model_prunes_with_cpu_calibration_batches_as_on_the_cpu(criterion
 def test_default_rounding_keeps_multiples_of_the_vector_width_in_groups_of_16_or_more_and_exact_counts_below(
         monkeypatch, capability, multiple):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    model = models.create("small-cnn", in_channels=1)  # groups of 16, 64 and 128 channels (and fc1's)
+    model = models.create("small-cnn", in_channels=1)  # groups of 32, 64, 128 and 256 channels
     result = prune_structured(model, batches(28, channels=1), target_macs_ratio=2.0, criterion="magnitude",
                               measure_latency=False)
     assert result.config["round_to"] == multiple and result.config["round_min_group"] == 16
     assert result.extra["macs_ratio"] >= 2.0
     counts = [kept for original, kept in result.extra["channels"].values() if original >= 16]
     assert all(kept % multiple == 0 for kept in counts) and any(kept % 16 for kept in counts) == (multiple == 8)
+    resnet = models.create("resnet20")  # 16-channel groups: under multiples of 16, keep 8 or 16
+    result = prune_structured(resnet, batches(), target_macs_ratio=3.0, criterion="magnitude", measure_latency=False)
+    narrow = [kept for original, kept in result.extra["channels"].values() if original == 16]
+    assert result.extra["target_reached"] and set(narrow) <= {8, 16} and 8 in narrow
     tiny = nn.Sequential(nn.Conv2d(1, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 3), nn.Flatten(), nn.LazyLinear(10))
     tiny(torch.randn(1, 1, 8, 8))
     kept = prune_structured(tiny, batches(8, channels=1), 0.5, criterion="magnitude", measure_latency=False)

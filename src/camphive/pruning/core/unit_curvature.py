@@ -134,8 +134,9 @@ class ReconstructionCurvature(UnitCurvature):
 
     def _inverse(self, name: str) -> torch.Tensor:
         """``Hhat^-1`` per group in float64, kept for the last layer asked (one layer at a time)."""
-        return self._kept_for_last_layer("inverse", name, torch.float64,
-                                         lambda: torch.cholesky_inverse(torch.linalg.cholesky(self._matrices[name].double())))
+        def invert() -> torch.Tensor:
+            return torch.cholesky_inverse(torch.linalg.cholesky(self._matrices[name].double()))
+        return self._kept_for_last_layer("inverse", name, torch.float64, invert)
 
     def inverse_submatrices(self, name: str, out_units: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """``(n, m, m)``: ``Hhat^-1`` of unit ``rows[i]`` restricted to the distinct indices ``cols[i, :]``."""
