@@ -7,7 +7,8 @@ gradients need only products ``Hhat v``, and since the units of a layer share ``
 one matrix product serves every unit of a batch per iteration: ``2 fan_in^2`` per unit and iteration.
 
 Each unit runs preconditioned conjugate gradients on its kept set, from ``dW_S = 0`` (plain pruning), until its
-residual, in the preconditioned norm, is below ``tolerance`` times where it started (or ``max_iterations``).
+residual, in the preconditioned norm, is below ``tolerance`` times where it started (or ``max_iterations``);
+each iteration multiplies only the units still running (iteration counts differ by 2-4x across a layer).
 Preconditioners: ``"jacobi"`` (``diag(Hhat)^-1``), or ``"inverse"``: ``(Hhat^-1)_SS``, one more product per
 iteration with the layer's shared inverse, for units that keep most of their weights. ``Hhat_SS^-1`` differs
 from it by a term of rank ``|not S|`` (the Schur complement identity), so the preconditioned system has at most
@@ -44,34 +45,39 @@ def conjugate_gradient_merge(matrix: torch.Tensor, curvature, name: str, rows: t
     pruned_weights = matrix[rows].to(DTYPE) * pruned_now
     residual = curvature.times(name, out_units, rows, pruned_weights, dtype=DTYPE) * keep  # Hhat_SP w_P
     if preconditioner == "inverse":
-        def precondition(vectors: torch.Tensor) -> torch.Tensor:
-            return curvature.inverse_times(name, out_units, rows, vectors, dtype=DTYPE) * keep
+        def precondition(vectors: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+            return curvature.inverse_times(name, out_units, rows[units], vectors, dtype=DTYPE) * keep[units]
     else:
         diagonal = keep / curvature.diagonal(name, out_units)[rows].to(DTYPE)
 
-        def precondition(vectors: torch.Tensor) -> torch.Tensor:
-            return vectors * diagonal
+        def precondition(vectors: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+            return vectors * diagonal[units]
 
+    every = torch.arange(rows.numel(), device=matrix.device)
     update = torch.zeros_like(residual)
-    preconditioned = precondition(residual)
+    preconditioned = precondition(residual, every)
     direction = preconditioned.clone()
     product = (residual * preconditioned).sum(1)
     stop = tolerance**2 * product
     iterations = torch.zeros(rows.numel(), dtype=torch.long, device=matrix.device)
     for _ in range(max_iterations):
-        active = product > stop
-        if not bool(active.any()):
+        units = (product > stop).nonzero().squeeze(1)  # the unconverged units: only they cost a product
+        if units.numel() == 0:
             break
-        iterations += active
-        along = curvature.times(name, out_units, rows, direction, dtype=DTYPE) * keep
-        curvature_along = (direction * along).sum(1)
-        step = torch.where(active & (curvature_along > 0),
-                           product / curvature_along.clamp_min(torch.finfo(DTYPE).tiny), 0.0)[:, None]
-        update += step * direction
-        residual -= step * along
-        preconditioned = precondition(residual)
-        new_product = (residual * preconditioned).sum(1)
-        direction = preconditioned + (new_product / product.clamp_min(torch.finfo(DTYPE).tiny))[:, None] * direction
-        product = torch.where(active, new_product, product)  # a converged unit keeps its stopping value
+        iterations[units] += 1
+        unit_direction = direction[units]
+        along = curvature.times(name, out_units, rows[units], unit_direction, dtype=DTYPE) * keep[units]
+        curvature_along = (unit_direction * along).sum(1)
+        old_product = product[units]
+        step = torch.where(curvature_along > 0, old_product / curvature_along.clamp_min(torch.finfo(DTYPE).tiny),
+                           0.0)[:, None]
+        update[units] += step * unit_direction
+        unit_residual = residual[units] - step * along
+        residual[units] = unit_residual
+        unit_preconditioned = precondition(unit_residual, units)
+        new_product = (unit_residual * unit_preconditioned).sum(1)
+        ratio = new_product / old_product.clamp_min(torch.finfo(DTYPE).tiny)
+        direction[units] = unit_preconditioned + ratio[:, None] * unit_direction
+        product[units] = new_product
     matrix[rows] += update.to(matrix.dtype)
     return iterations
