@@ -102,6 +102,10 @@ def test_structured_prune_from_the_command_line_rounds_channels_and_ignores_laye
     assert prune["layer_sparsity"]["conv1"] == 0.0 and prune["layer_sparsity"]["fc1"] == 0.0
     assert prune["channels"] and all(after % 8 == 0 and after < before for before, after in prune["channels"].values())
     assert prune["macs_ratio"] >= 2.0 and prune["latency"]["channels_last"] is True
+    speedups = ", ".join(f"{prune['latency'][f'batch_{n}']['speedup']:.2f}x at batch {n}" for n in (1, 64))
+    for line in (f"channels removed: {prune['sparsity']:.4f}", f"MACs reduction: {prune['macs_ratio']:.2f}x", "channel counts: multiples of 8 (--round-to)",
+                 f"speed-up: {speedups}"):
+        assert line in result.stdout, result.stdout
     exported = run_cli("export", "--checkpoint", pruned / "model.safetensors", "--onnx", tmp_path / "m.onnx")
     assert exported.returncode == 0, exported.stderr
     bad = run_cli("prune", "--checkpoint", trained / "model.safetensors", "--mode", "structured", "--sparsity", "0.5",
@@ -221,3 +225,14 @@ def test_switches_declared_as_two_options_resolve_like_one(tmp_path, monkeypatch
     assert compared[-1]["latency_compiled"] is False and not any(key.startswith("no_") for key in compared[-1])
     assert main(["compare", "--out", str(tmp_path / "c"), "--no-latency", "--latency-channels-last"]) == 0
     assert compared[-1]["latency"] is False and compared[-1]["latency_channels_last"] is True
+
+
+def test_structured_summary_says_when_the_macs_target_was_missed_and_the_default_rounding():
+    from camphive.cli.pruning_commands import structured_summary
+
+    summary = structured_summary({"macs_ratio": 2.6, "target_macs_ratio": 3.0, "target_reached": False,
+                                  "config": {"round_to": 16, "round_min_group": 16}, "latency": None})
+    assert summary == {"MACs reduction": "2.60x (target 3x not reached)",
+                       "channel counts": "multiples of 16 in groups of >= 16 channels (--round-to)"}
+    assert structured_summary({"macs_ratio": 2.0, "config": {"round_to": 1},
+                               "latency": {"skipped": "resumed run"}}) == {"MACs reduction": "2.00x"}

@@ -79,12 +79,33 @@ def prune_command(
     summary = {"dense accuracy": results["dense"]["accuracy"]}
     if results["pruned"]:  # a gradual run has no model "right after pruning"
         summary["pruned accuracy"] = results["pruned"]["accuracy"]
-    summary["sparsity"] = results["prune"]["sparsity"]
+    summary["channels removed" if mode == "structured" else "sparsity"] = results["prune"]["sparsity"]
     if results["finetuned"]:
         summary["fine-tuned accuracy"] = results["finetuned"]["accuracy"]
     if results["prune"].get("dense_layers"):
         summary["left dense (no N:M layout)"] = ", ".join(results["prune"]["dense_layers"])
+    if mode == "structured":
+        summary.update(structured_summary(results["prune"]))
     echo_metrics(f"{criterion} ({mode}) -> {out}", summary)
+
+
+def structured_summary(prune: dict) -> dict:
+    """What a structured run bought: the MACs reduction (and whether its target was reached), the channel
+    rounding it used (the default depends on the CPU) and the measured speed-up at each batch size."""
+    summary = {"MACs reduction": f"{prune['macs_ratio']:.2f}x"}
+    target = prune.get("target_macs_ratio")
+    if target and not prune.get("target_reached", True):
+        summary["MACs reduction"] += f" (target {target:g}x not reached)"
+    config = prune.get("config", {})
+    if (config.get("round_to") or 1) > 1:
+        groups = f" in groups of >= {config['round_min_group']} channels" if config.get("round_min_group") else ""
+        summary["channel counts"] = f"multiples of {config['round_to']}{groups} (--round-to)"
+    latency = prune.get("latency") or {}
+    speedups = [f"{record['speedup']:.2f}x at batch {key[len('batch_'):]}" for key, record in latency.items()
+                if key.startswith("batch_") and isinstance(record, dict)]
+    if speedups:
+        summary["speed-up"] = ", ".join(speedups)
+    return summary
 
 
 @app.command("compare")
