@@ -88,7 +88,8 @@ def test_generated_prune_options_reach_the_job_as_settings(tmp_path, monkeypatch
 
     def fake_prune_job(**kwargs):
         calls.append(kwargs)
-        return {"dense": {"accuracy": 1.0}, "pruned": {"accuracy": 1.0}, "prune": {"sparsity": 0.5}, "finetuned": None}
+        return {"dense": {"accuracy": 1.0}, "pruned": {"accuracy": 1.0}, "prune": {"sparsity": 0.5, "macs_ratio": 2.0},
+                "finetuned": None}  # a structured record always has its MACs ratio
 
     monkeypatch.setattr(prune, "prune_job", fake_prune_job)
     command = ["prune", "--checkpoint", str(tmp_path / "m.safetensors"), "--mode", "structured"]
