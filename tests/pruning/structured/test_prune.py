@@ -237,3 +237,17 @@ def test_default_rounding_keeps_multiples_of_the_vector_width_in_groups_of_16_or
     tiny(torch.randn(1, 1, 8, 8))
     kept = prune_structured(tiny, batches(8, channels=1), 0.5, criterion="magnitude", measure_latency=False)
     assert sorted(count for _, count in kept.extra["channels"].values()) == [2, 3]  # 4 and 6 channels: not rounded
+
+
+def test_the_stages_that_take_long_at_imagenet_scale_say_so_in_the_log(caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="camphive.pruning"):
+        prune_structured(models.create("small-cnn", in_channels=1), batches(28, channels=1), target_macs_ratio=1.5,
+                         criterion="magnitude", latency_batch_sizes=(1,), latency_seconds=0.01)
+        prune(models.create("small-cnn", in_channels=1), batches(28, channels=1), 0.5, cycles=1)
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(m.startswith("timing the model before and after pruning at batch sizes 1 ") for m in messages)
+    assert any(m.endswith("re-estimating BatchNorm statistics") for m in messages)
+    assert "cycle 1: forward selection within units" in messages
+    assert "cycle 1: merging the pruned weights (least_squares)" in messages

@@ -99,6 +99,7 @@ def run_cycles(model: nn.Module, batches: list, mode: PruningMode, *, loss_fn=No
             log.info("%s: scored, selected and merged after %.1f s", where, time.perf_counter() - started)
             check_finite(model, f"cycle {cycle + 1}")
             if settings.recalibrate_bn and outcome.changed:  # nothing removed: the model stays exactly as it was
+                log.info("%s: re-estimating BatchNorm statistics", where)
                 recalibrate_batchnorm(model, batches, reduce_over_processes=True)  # batches: this process's share
             outcome.record.update(mode.after_cycle(outcome))
             report = info.report()

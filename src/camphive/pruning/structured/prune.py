@@ -30,6 +30,7 @@ measured before and after.
 from __future__ import annotations
 
 import copy
+import logging
 import time
 
 import torch
@@ -56,6 +57,8 @@ from camphive.pruning.structured.groups import build_dependency_graph, channel_g
 from camphive.pruning.structured.merging import consumer_grams, merge_group, norms_after
 from camphive.pruning.structured.report import cost_summary, latency_before_after, layer_sparsity, out_channels
 from camphive.pruning.structured.settings import StructuredSettings
+
+log = logging.getLogger("camphive.pruning")
 
 
 def prune_structured(model: nn.Module, calib_data, sparsity: float | None = None, *,
@@ -101,6 +104,9 @@ def prune_structured(model: nn.Module, calib_data, sparsity: float | None = None
     total_channels = sum(run.original_sizes.values())
     latency = None
     if settings.measure_latency:
+        if not latency_skipped:
+            log.info("timing the model before and after pruning at batch sizes %s (measure_latency=False skips it)",
+                     ", ".join(str(size) for size in settings.latency_batch_sizes))
         latency = {"skipped": latency_skipped} if latency_skipped else latency_before_after(
             original_model, model, example, settings.latency_batch_sizes, settings.latency_threads,
             settings.latency_seconds, settings.latency_channels_last, settings.latency_compiled)

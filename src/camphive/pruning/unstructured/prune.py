@@ -12,6 +12,7 @@ comparisons between them are fair by construction. The options are
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 
@@ -37,6 +38,8 @@ from camphive.pruning.unstructured.patterns import pattern_extra, pattern_layout
 from camphive.pruning.unstructured.recovery import recover
 from camphive.pruning.unstructured.selection import check_target_reachable, cycle_targets, select_to_prune
 from camphive.pruning.unstructured.settings import UnstructuredSettings
+
+log = logging.getLogger("camphive.pruning")
 
 
 def prune_unstructured(model: nn.Module, calib_data, sparsity: float | None = None, *,
@@ -114,9 +117,11 @@ class UnstructuredRun(PruningMode):
             # Forward selection in the last cycle only: the earlier cycles' choices are provisional, and there
             # units keep many weights, where it costs the most (docs/method.md, section 4).
             if settings.unit_selection == "greedy" and cycle == settings.cycles - 1:
+                log.info("cycle %d: forward selection within units", cycle + 1)
                 pruned_now = self.choose_within_units(pruned_now, info)
         changed = any(bool(mask.any()) for mask in pruned_now.values())
         if changed and not solved:
+            log.info("cycle %d: merging the pruned weights (%s)", cycle + 1, settings.merge)
             self.merge(pruned_now, scores, info)
         for name in self.params:
             self.alive[name] &= ~pruned_now[name]
