@@ -100,9 +100,11 @@ def structured_summary(prune: dict) -> dict:
     if (config.get("round_to") or 1) > 1:
         groups = f" in groups of >= {config['round_min_group']} channels" if config.get("round_min_group") else ""
         summary["channel counts"] = f"multiples of {config['round_to']}{groups} (--round-to)"
-    latency = prune.get("latency") or {}
-    speedups = [f"{record['speedup']:.2f}x at batch {key[len('batch_'):]}" for key, record in latency.items()
-                if key.startswith("batch_") and isinstance(record, dict)]
+    from camphive.measure.latency import latency_columns
+
+    timed = [(size, latency_columns(prune.get("latency"), size)["speedup"]) for size in
+             config.get("latency_batch_sizes") or ()]
+    speedups = [f"{speedup:.2f}x at batch {size}" for size, speedup in timed if speedup is not None]
     if speedups:
         summary["speed-up"] = ", ".join(speedups)
     return summary

@@ -103,13 +103,14 @@ def prune_structured(model: nn.Module, calib_data, sparsity: float | None = None
     final_sizes = {key: run.kept.get(key, size) for key, size in run.original_sizes.items()}
     total_channels = sum(run.original_sizes.values())
     latency = None
-    if settings.measure_latency:
-        if not latency_skipped:
-            log.info("timing the model before and after pruning at batch sizes %s (measure_latency=False skips it)",
-                     ", ".join(str(size) for size in settings.latency_batch_sizes))
-        latency = {"skipped": latency_skipped} if latency_skipped else latency_before_after(
-            original_model, model, example, settings.latency_batch_sizes, settings.latency_threads,
-            settings.latency_seconds, settings.latency_channels_last, settings.latency_compiled)
+    if settings.measure_latency and latency_skipped:
+        latency = {"skipped": latency_skipped}
+    elif settings.measure_latency:
+        log.info("timing the model before and after pruning at batch sizes %s (measure_latency=False skips it)",
+                 ", ".join(str(size) for size in settings.latency_batch_sizes))
+        latency = latency_before_after(original_model, model, example, settings.latency_batch_sizes,
+                                       settings.latency_threads, settings.latency_seconds,
+                                       settings.latency_channels_last, settings.latency_compiled)
     extra = {
         "macs_before": before["macs"], "macs_after": after["macs"],
         "macs_ratio": before["macs"] / max(after["macs"], 1),
