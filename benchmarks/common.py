@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from camphive import data, models  # noqa: E402
 from camphive.checkpoints import load_checkpoint, save_checkpoint  # noqa: E402
+from camphive.measure.allocator import keep_freed_memory  # noqa: E402,F401  (the benchmarks pin it)
 from camphive.runs import atomic_write_text  # noqa: E402
 from camphive.training import evaluate, train  # noqa: E402
 
@@ -260,24 +261,3 @@ def test_batches(dataset: str, batch_size: int = 1000):
 
 def accuracy(model, batches) -> float:
     return evaluate(model, batches, device="cpu")["accuracy"]
-
-
-def keep_freed_memory() -> str:
-    """Stop glibc from returning large freed blocks to the OS after every forward pass.
-
-    By default glibc serves big allocations (a batch-64 activation is several MB) with mmap and
-    unmaps them on free, so every forward pays page faults that depend on the allocator's recent
-    history rather than on the model: the same dense resnet20 timed 60 or 85 ms at batch 64 in two
-    processes. Pinning the thresholds (what jemalloc/tcmalloc, common for CPU inference, do anyway)
-    makes timings repeatable; it speeds up the dense model most, so speed-ups only get smaller.
-    """
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return "default allocator (not glibc)"
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    if libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 1 << 30):
-        return "glibc malloc with mmap and trim thresholds pinned at 1 GiB (mallopt)"
-    return "default glibc malloc (mallopt refused)"

@@ -13,8 +13,8 @@ Sections (``--sections``):
 * ``latency``: the latency part of ``criteria`` alone (L1-pruned shapes, with the same rounding
   levers as ``speed``), for re-timing.
 * ``speed``: resnet56 at CIFAR size (3x32x32, untrained: MACs and latency only) at each
-  ratio, with exact channel counts and rounded to multiples of 8 and of the default's multiple
-  (16 on AVX-512 CPUs), with and without BatchNorm folding.
+  ratio, with exact channel counts, rounded uniformly to multiples of 8 and of the default's multiple
+  (16 on AVX-512 CPUs), and the default (that multiple, latency-aware), with and without BatchNorm folding.
 
 Every criterion runs through the same entry (``prune_structured``), with the same
 calibration images, allocation (uniform per group), target and fine-tune; only scores
@@ -155,7 +155,8 @@ def criteria_section(args, evaluation: Evaluation) -> tuple[str, list[str]]:
         for label, criterion, options, row_ratios in rows:
             for ratio in row_ratios:
                 row = evaluation.prune_and_measure(dense, criterion, {"target_macs_ratio": ratio, "round_to": args.round_to,
-                                                                      **options}, args.finetune_epochs)
+                                                                      **latency_aware(args), **options},
+                                                   args.finetune_epochs)
                 shapes.setdefault(ratio, row.pop("model"))
                 table.setdefault(label, {})[ratio] = row
                 log(f"{name} {label} {ratio}x: {row['pruned']:.3f} / {row['recalibrated']:.3f} / "
@@ -165,7 +166,7 @@ def criteria_section(args, evaluation: Evaluation) -> tuple[str, list[str]]:
                      f"{count_parameters(dense) / 1e3:.0f} k parameters)\n")
         lines.append("Accuracy right after pruning / after BN recalibration on the calibration images / after "
                      f"{args.finetune_epochs} fine-tune epoch(s) on {args.finetune_subset} images; uniform allocation"
-                     f"{rounding_note(args.round_to)}; "
+                     f"{rounding_note(args.round_to)}{latency_note(args)}; "
                      "MACs ratio achieved in brackets:\n")
         header = "| criterion | " + " | ".join(f"{r:g}x" for r in ratios) + " |"
         lines += [header, "|---|" + "---|" * len(ratios)]
@@ -204,6 +205,18 @@ def accuracy_verdicts(name: str, table: dict, ratios: list[float]) -> list[str]:
     return verdicts
 
 
+def latency_aware(args) -> dict:
+    """The prune options of ``--latency-aware`` (the default; timed at the benchmark's threads)."""
+    return {"latency_aware": args.latency_aware, "latency_threads": args.threads}
+
+
+def latency_note(args) -> str:
+    if args.round_to <= 1:
+        return ""
+    return ", latency-aware (each group rounded up or down by timed layers)" if args.latency_aware else (
+        ", rounded as uniformly as the multiples allow")
+
+
 def rounding_note(round_to: int) -> str:
     """How ``--round-to`` rounded the channel counts, for the table's caption."""
     if round_to <= 1:
@@ -223,12 +236,14 @@ def latency_table(name: str, dense, shapes: dict, ratios, calibration, args, not
     for label, model in shapes.items():
         candidates[label] = model
     multiples = sorted({8, cpu_vector_floats()})  # the rounding levers: multiples of 8 and the default's
-    for ratio, multiple in itertools.product(ratios if add_rounded else (), multiples):  # same target, rounded
+    levers = [(multiple, False) for multiple in multiples] + [(cpu_vector_floats(), True)]
+    for ratio, (multiple, aware) in itertools.product(ratios if add_rounded else (), levers):  # same target
         rounded = copy.deepcopy(dense)
         prune_structured(rounded, calibration, target_macs_ratio=ratio, criterion="magnitude", round_to=multiple,
-                         round_min_group=16, measure_latency=False)
-        default = " (the default here)" if multiple == cpu_vector_floats() else ""
-        candidates[f"{ratio:g}x, round_to {multiple}{default}"] = rounded
+                         round_min_group=16, measure_latency=False, latency_aware=aware,
+                         latency_threads=args.threads)
+        how = ", latency-aware (the default here)" if aware else ", uniform"
+        candidates[f"{ratio:g}x, round_to {multiple}{how}"] = rounded
     unfolded = dict(candidates)
     folded = {f"{label}, BN folded": fold_batchnorm(model) for label, model in candidates.items()}
     candidates.update(folded)
@@ -332,6 +347,9 @@ def main(argv=None) -> None:
                              "is the CPU's vector width, 16 with AVX-512 else 8, in groups of 16 or more)")
     parser.add_argument("--no-criteria-latency", dest="criteria_latency", action="store_false",
                         help="criteria: accuracy only (time the shapes with --sections latency)")
+    parser.add_argument("--latency-aware", action=argparse.BooleanOptionalAction, default=True,
+                        help="criteria, with --round-to > 1: round each group up or down by timed layers (prune's "
+                             "default; --no-latency-aware: as uniformly as the multiples allow)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-write", dest="write", action="store_false", help="print only, leave RESULTS.md alone")

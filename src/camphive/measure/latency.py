@@ -134,7 +134,7 @@ def measure_latency(
         if compiled:  # never time an eager fallback as if it were compiled
             stack.enter_context(torch._dynamo.config.patch(fail_on_recompile_limit_hit=True))
         runners = {name: _torch_runner(name, models[name], compiled, device) for name in names}
-        results, load = _time_interleaved(runners, make_batch, batch_sizes, repeats, warmup, target_seconds,
+        results, load = time_interleaved(runners, make_batch, batch_sizes, repeats, warmup, target_seconds,
                                           min_repeats, max_repeats)
     return LatencyReport(
         baseline=names[0], device=str(device), threads=threads or previous_threads, warmup=warmup, results=results,
@@ -319,7 +319,7 @@ def measure_onnx_latency(
     def make_batch(batch_size: int) -> np.ndarray:
         return generator.standard_normal((batch_size, *input_shape), dtype=np.float32)
 
-    results, load = _time_interleaved(runners, make_batch, batch_sizes, repeats, warmup, target_seconds, min_repeats,
+    results, load = time_interleaved(runners, make_batch, batch_sizes, repeats, warmup, target_seconds, min_repeats,
                                       max_repeats)
     return LatencyReport(baseline=next(iter(files)), device="cpu (onnxruntime)", threads=int(threads), warmup=warmup,
                          results=results, load_average=load)
@@ -334,11 +334,12 @@ def _check_timing_arguments(batch_sizes, repeats, warmup, threads) -> None:
         raise ConfigError(f"warmup must be >= 0 and threads >= 1, got warmup={warmup}, threads={threads}")
 
 
-def _time_interleaved(runners: Mapping[str, Callable], make_batch: Callable, batch_sizes, repeats, warmup,
+def time_interleaved(runners: Mapping[str, Callable], make_batch: Callable, batch_sizes, repeats, warmup,
                       target_seconds, min_repeats, max_repeats
                       ) -> tuple[list[LatencyResult], tuple[float, float] | None]:
     """Time every runner on the same batch, interleaved: round r starts with runner ``r mod n``.
-    Also returns the load average before and after (None where the OS has none)."""
+    Also returns the load average before and after (None where the OS has none). A runner may
+    ignore the batch it is given (and run on inputs of its own, as layers of different shapes do)."""
     load_before = _load_average()
     names = list(runners)
     results: list[LatencyResult] = []

@@ -23,6 +23,7 @@ from camphive.pruning.structured.groups import ChannelGroup
 
 @dataclass
 class _LayerCost:
+    name: str
     positions: float  # uses of each weight (conv/linear) or channel (norm) per sample
     kind: str  # "weights" or "norm"
     out_channels: int
@@ -60,31 +61,45 @@ class MacsModel:
                     out_channels, in_channels = module.out_channels, module.in_channels
                     depthwise = module.groups > 1 and module.groups == module.in_channels
                     per_pair = weight.numel() / (out_channels * in_channels)
-                self.layers.append(_LayerCost(macs / weight.numel(), "weights", out_channels, in_channels, per_pair,
+                self.layers.append(_LayerCost(name, macs / weight.numel(), "weights", out_channels, in_channels, per_pair,
                                               depthwise, entry["out"], entry["in"]))
                 modelled += macs
             elif isinstance(module, nn.modules.batchnorm._BatchNorm) and macs:
                 entry = memberships.get(name, {"out": [], "in": []})
-                self.layers.append(_LayerCost(macs / module.num_features, "norm", module.num_features, 0, 0.0, False,
+                self.layers.append(_LayerCost(name, macs / module.num_features, "norm", module.num_features, 0, 0.0, False,
                                               entry["out"], []))
                 modelled += macs
         self.fixed = self.total - modelled
 
     def predict(self, kept: dict[str, int]) -> float:
         """Per-sample MACs when group ``key`` keeps ``kept[key]`` channels (others keep all)."""
-        total = float(self.fixed)
-        removed = {key: size - kept.get(key, size) for key, size in self.sizes.items()}
-        for layer in self.layers:
-            out_channels = layer.out_channels - sum(removed[key] * n for key, n in layer.out_groups)
-            if layer.kind == "norm":
-                total += layer.positions * out_channels
-                continue
-            if layer.depthwise:  # filters and inputs go together; weights per filter unchanged
-                total += layer.positions * out_channels * layer.in_channels * layer.weight_per_pair
-                continue
-            in_channels = layer.in_channels - sum(removed[key] * n for key, n in layer.in_groups)
-            total += layer.positions * out_channels * in_channels * layer.weight_per_pair
-        return total
+        removed = self.removed(kept)
+        return float(self.fixed) + sum(self.layer_macs(layer, *self.layer_channels(layer, removed))
+                                       for layer in self.layers)
+
+    def removed(self, kept: dict[str, int]) -> dict[str, int]:
+        """Channels each group loses when group ``key`` keeps ``kept[key]``."""
+        return {key: size - kept.get(key, size) for key, size in self.sizes.items()}
+
+    @staticmethod
+    def layer_channels(layer: _LayerCost, removed: dict[str, int]) -> tuple[int, int]:
+        """A layer's (input, output) channel counts after the groups lose ``removed`` channels (a
+        depthwise conv's inputs follow its filters; a norm's input count is its channel count)."""
+        out_channels = layer.out_channels - sum(removed[key] * n for key, n in layer.out_groups)
+        if layer.kind == "norm":
+            return out_channels, out_channels
+        if layer.depthwise:
+            return out_channels * layer.in_channels // layer.out_channels, out_channels
+        return layer.in_channels - sum(removed[key] * n for key, n in layer.in_groups), out_channels
+
+    @staticmethod
+    def layer_macs(layer: _LayerCost, in_channels: int, out_channels: int) -> float:
+        """Per-sample MACs of one layer at these channel counts."""
+        if layer.kind == "norm":
+            return layer.positions * out_channels
+        if layer.depthwise:  # weights per filter unchanged
+            return layer.positions * out_channels * layer.in_channels * layer.weight_per_pair
+        return layer.positions * out_channels * in_channels * layer.weight_per_pair
 
 
 def minimum_kept(original: int, min_channels: int | float) -> int:
@@ -186,6 +201,24 @@ def uniform_kept_for_macs(groups, original, macs_model: MacsModel, target_macs: 
         key = max(lowerable, key=lambda k: (kept[k] / max(exact[k], 1), sizes[k]))
         kept[key] -= steps[key]
     return _raise_while_within(kept, exact, steps, sizes, macs_model, target_macs), fraction
+
+
+def rounding_choices(groups, original, fraction: float, kept: dict[str, int], round_to, min_channels,
+                     reach: int = 0) -> dict[str, tuple[int, ...]]:
+    """Per group: the multiples from ``reach`` below the one just under its exact uniform count at
+    ``fraction`` to ``reach`` above the one just over it (within its floor and its size now), and its
+    count in ``kept``: the counts a latency-aware rounding may choose from
+    (:mod:`~camphive.pruning.structured.latency_allocation`)."""
+    exact = uniform_kept(groups, original, fraction, None, min_channels)
+    choices = {}
+    for group in groups:
+        n0 = original.get(group.key, group.size)
+        step = channel_step(group, round_to, n0) or 1
+        floor = max(step, minimum_kept(n0, min_channels))
+        below, above = exact[group.key] // step - reach, -(-exact[group.key] // step) + reach
+        values = {min(group.size, multiple * step) for multiple in range(max(1, below), above + 1)}
+        choices[group.key] = tuple(sorted({v for v in values if v >= floor} | {kept[group.key]}))
+    return choices
 
 
 def _raise_while_within(kept, exact, steps, sizes, macs_model: MacsModel, target_macs: float) -> dict[str, int]:

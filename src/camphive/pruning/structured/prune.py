@@ -40,6 +40,7 @@ from camphive.batches import take_batches
 from camphive.errors import ConfigError, one_line
 from camphive.layers import layer_list, prunable_parameters
 from camphive.measure import count_macs
+from camphive.measure.layer_timing import LayerTimer
 from camphive.modules import as_input_tuple, eval_mode, inputs_on_model_device
 from camphive.pruning.core.checks import check_model_runs
 from camphive.pruning.core.driver import CycleOutcome, PruningMode, run_cycles
@@ -50,10 +51,12 @@ from camphive.pruning.structured.budget import (
     global_kept,
     global_kept_for_macs,
     lowest_channels,
+    rounding_choices,
     uniform_kept,
     uniform_kept_for_macs,
 )
 from camphive.pruning.structured.groups import build_dependency_graph, channel_groups, remove_channels, resolve_ignored
+from camphive.pruning.structured.latency_allocation import latency_aware_kept
 from camphive.pruning.structured.merging import consumer_grams, merge_group, norms_after
 from camphive.pruning.structured.report import cost_summary, latency_before_after, layer_sparsity, out_channels
 from camphive.pruning.structured.settings import StructuredSettings
@@ -119,7 +122,7 @@ def prune_structured(model: nn.Module, calib_data, sparsity: float | None = None
         "params_ratio": before["parameters"] / max(after["parameters"], 1),
         "target_macs_ratio": settings.target_macs_ratio, "target_reached": bool(run.reached),
         "channels": {key: [size, final_sizes[key]] for key, size in run.original_sizes.items()},
-        "skipped_groups": run.skipped, "latency": latency,
+        "skipped_groups": run.skipped, "latency": latency, "latency_allocation": run.allocation,
     }
     config = {**settings.to_dict(), **run.criterion.describe(), "num_batches": len(batches),
               "num_samples": sum(int(x.shape[0]) for x, _ in batches)}
@@ -147,6 +150,9 @@ class StructuredRun(PruningMode):
         self.skipped: dict[str, str] = dict(state.get("skipped_groups", {}))
         self.kept: dict[str, int] = dict(state.get("kept", {}))
         self.reached = True
+        self.timer: LayerTimer | None = None  # layer timings for latency-aware rounding, kept across cycles
+        self.timings: dict = dict(state.get("layer_timings", {}))  # a resumed run reuses them: same choices
+        self.allocation: dict | None = None  # what the latency-aware rounding did (None: not used)
         if resume_state is None:
             self._check_prunable()
 
@@ -198,8 +204,10 @@ class StructuredRun(PruningMode):
                 kept = global_kept_for_macs(groups, original, scores, macs_model, target_macs, settings.rounding(),
                                             settings.min_channels)
             else:
-                kept, _ = uniform_kept_for_macs(groups, original, macs_model, target_macs, settings.rounding(),
-                                                settings.min_channels)
+                kept, fraction = uniform_kept_for_macs(groups, original, macs_model, target_macs,
+                                                       settings.rounding(), settings.min_channels)
+                if settings.latency_aware and settings.rounding().multiple > 1:
+                    kept = self._fastest_rounding(groups, kept, fraction, macs_model, target_macs)
             self.reached = macs_model.predict(kept) <= target_macs * (1 + 1e-9)
             return kept
         if settings.global_pruning:
@@ -211,6 +219,25 @@ class StructuredRun(PruningMode):
         return uniform_kept(groups, original, settings.sparsity * fraction_done, settings.rounding(),
                             settings.min_channels)
 
+    def _fastest_rounding(self, groups, kept, fraction, macs_model: MacsModel, target_macs: float) -> dict[str, int]:
+        """The uniform mix's groups rounded up or down by timed speed (latency_allocation)."""
+        settings = self.settings
+        reason = _latency_skip_reason(self.example)
+        if reason:
+            self.allocation = {"kept_uniform_because": reason}
+            return kept
+        if self.timer is None:
+            self.timer = LayerTimer(self.model, self.example, batch_size=max(settings.latency_batch_sizes),
+                                    threads=settings.latency_threads, seconds=settings.latency_seconds,
+                                    channels_last=settings.latency_channels_last and self.example[0].dim() == 4)
+            self.timer.load_timings(self.timings)
+        choices = rounding_choices(groups, self.original_sizes, fraction, kept, settings.rounding(),
+                                   settings.min_channels)
+        allocation = latency_aware_kept(kept, choices, macs_model, target_macs, self.timer)
+        self.timings = self.timer.timings()
+        self.allocation = allocation.describe()
+        return allocation.kept
+
     def after_cycle(self, outcome: CycleOutcome) -> dict:
         self.macs_now = count_macs(self.model, self.one_sample)
         return {"macs": int(self.macs_now.total)}
@@ -218,7 +245,7 @@ class StructuredRun(PruningMode):
     def state(self) -> dict:
         return {"before": dict(self.before), "out_channels_before": dict(self.out_channels_before),
                 "original_sizes": dict(self.original_sizes), "skipped_groups": dict(self.skipped),
-                "kept": dict(self.kept)}
+                "kept": dict(self.kept), "layer_timings": self.timings}
 
 
 def _check_example_runs(model: nn.Module, example: tuple) -> None:

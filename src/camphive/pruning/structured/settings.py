@@ -32,8 +32,13 @@ class StructuredSettings(PruneSettings):
     at least 16 channels, measured to give the fast shapes (convolution kernels pad channel counts
     to the vector width; unrounded counts bought only 0.44-0.78 of the MACs reduction in latency);
     ``round_to=1`` keeps exact counts; an explicit ``round_to`` rounds every group unless
-    ``round_min_group`` says otherwise. Every group keeps at least ``min_channels`` (a count, or a
-    fraction if < 1). ``channel_score``
+    ``round_min_group`` says otherwise. With a MACs target, rounded counts and uniform allocation,
+    ``latency_aware`` (default) times each layer on this machine at the multiples just below and
+    above its uniform count and keeps the mix of lowest predicted latency whose MACs stay within
+    2 % under the target, if it saves more than 1 %
+    (:mod:`~camphive.pruning.structured.latency_allocation`); the shapes then depend on the
+    machine and on timing noise (``latency_aware=False``: the same shapes everywhere). Every group keeps
+    at least ``min_channels`` (a count, or a fraction if < 1). ``channel_score``
     (CAMP-HiVe): "greedy_obs", "obs" or "summed". ``merge``: "least_squares" (``intercept``
     adds a constant to the fit), "pair" (``pairing`` coupled|cyclic, ``beta_from``
     activations|weights) or "none"; ``flatten_fit`` (shared|per_position) for linear layers
@@ -54,6 +59,10 @@ class StructuredSettings(PruneSettings):
         "min": 1, "panel": "Structured"})
     round_min_group: int | None = field(default=None, metadata={
         "help": "Round only groups of at least N channels", "default": "16 with the default --round-to, else 0",
+        "panel": "Structured"})
+    latency_aware: bool = field(default=True, metadata={
+        "help": "With a MACs target and rounded counts, round each group up or down by timing its layers here",
+        "off_help": "Round as uniformly as the multiples allow (the same shapes on every machine)",
         "panel": "Structured"})
     min_channels: int | float = field(default=1, metadata={
         "help": "Channels every layer keeps: a count, or a fraction if < 1", "panel": "Structured"})

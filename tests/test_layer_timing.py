@@ -1,0 +1,85 @@
+"""LayerTimer: rebuilt layers match the originals' shapes; shapes are timed once; the child process runs."""
+import subprocess
+
+import pytest
+import torch
+from torch import nn
+
+import camphive.measure.layer_timing as layer_timing
+from camphive.measure.layer_timing import LayerTimer, build_layer
+
+
+class Mixed(nn.Module):
+    """A conv stack with a strided conv, a depthwise conv, a 1-d conv and a linear after a flatten."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.twin = nn.Conv2d(16, 16, 3, padding=1, groups=16)  # the same shape as depthwise: timed once
+        self.line = nn.Conv1d(16, 8, 5, padding="same")
+        self.fc = nn.Linear(8 * 64, 10)
+
+    def forward(self, x):
+        x = self.twin(self.depthwise(self.bn(self.conv(x))))
+        x = self.line(x.flatten(2)[:, :, :64])
+        return self.fc(x.flatten(1))
+
+
+def test_rebuilt_layers_take_the_inputs_and_give_the_outputs_of_the_originals():
+    model = Mixed().eval()
+    example = torch.randn(1, 3, 16, 16)
+    timer = LayerTimer(model, (example,), batch_size=2, isolate=False)
+    outputs = {}
+
+    def record(name):
+        def hook(module, args, output):
+            outputs[name] = output.shape
+        return hook
+    hooks = [module.register_forward_hook(record(name)) for name, module in model.named_modules() if name]
+    model(example)
+    for hook in hooks:
+        hook.remove()
+    generator = torch.Generator().manual_seed(0)
+    for name, spec in timer.specs.items():
+        module = dict(model.named_modules())[name]
+        in_channels = getattr(module, "in_channels", getattr(module, "in_features", getattr(module, "num_features", 0)))
+        out_channels = getattr(module, "out_channels", getattr(module, "out_features", getattr(module, "num_features", 0)))
+        layer, batch = build_layer(spec.recipe(in_channels, out_channels, 2), generator)
+        assert layer(batch).shape == (2, *outputs[name][1:]), name
+    narrow, batch = build_layer(timer.specs["depthwise"].recipe(8, 8, 3), generator)
+    assert narrow.groups == 8 and narrow(batch).shape == (3, 8, 8, 8)  # a depthwise conv stays depthwise
+    assert timer.specs["conv"].macs(3, 16) == pytest.approx(16 * 3 * 9 * 8 * 8)  # 8x8 outputs of a stride-2 conv
+
+
+def test_each_distinct_shape_is_timed_once_and_calls_are_capped_in_size():
+    model = Mixed().eval()
+    timer = LayerTimer(model, (torch.randn(1, 3, 16, 16),), batch_size=64, seconds=0.01, min_repeats=2,
+                       max_macs_per_call=16 * 9 * 64 * 10, isolate=False)  # ten samples of the depthwise conv
+    assert timer.batch_for("depthwise") == 10 and timer.batch_for("fc") == 18 and timer.batch_for("conv") == 3
+    assert timer.batch_for("bn") == 64
+    timer.measure([("depthwise", 16, 16), ("twin", 16, 16), ("depthwise", 8, 8), ("bn", 16, 16), ("fc", 512, 10)])
+    assert timer.timed_shapes == 4 and len(timer.table) == 4
+    assert timer.seconds("depthwise", 16, 16) == timer.seconds("twin", 16, 16) > 0
+    timer.measure([("twin", 8, 8)])  # already in the table: nothing is timed
+    assert timer.timed_shapes == 4
+    with pytest.raises(KeyError):
+        timer.seconds("line", 16, 8)  # never measured
+
+
+def test_the_child_process_times_the_shapes_and_a_failed_child_falls_back_to_this_process(monkeypatch, caplog):
+    model = Mixed().eval()
+    example = (torch.randn(1, 3, 16, 16),)
+    isolated = LayerTimer(model, example, batch_size=4, seconds=0.01, min_repeats=2)
+    assert isolated.isolate
+    isolated.measure([("conv", 3, 16), ("conv", 3, 8)])
+    assert isolated.seconds("conv", 3, 16) > 0 and isolated.seconds("conv", 3, 8) > 0
+
+    def failing(*args, **kwargs):
+        return subprocess.CompletedProcess(args, 1, "", "Traceback...\nRuntimeError: no child today\n")
+    monkeypatch.setattr(layer_timing.subprocess, "run", failing)
+    fallback = LayerTimer(model, example, batch_size=4, seconds=0.01, min_repeats=2)
+    with caplog.at_level("WARNING", logger="camphive.measure"):
+        fallback.measure([("conv", 3, 16)])
+    assert fallback.seconds("conv", 3, 16) > 0 and "no child today" in caplog.text
