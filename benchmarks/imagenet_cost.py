@@ -51,7 +51,7 @@ KEY_FUNCTIONS = (
     "layer_input_covariances", "scores", "channel_scores", "select_to_prune", "least_squares_merge", "pair_merge",
     "recalibrate_batchnorm", "model_summary", "count_macs", "top_loss_eigenvalues", "build_dependency_graph",
     "channel_groups", "consumer_grams", "merge_group", "remove_channels", "latency_before_after", "solve_layers",
-    "choose_within_units", "conjugate_gradient_merge", "_solve_directly",
+    "choose_within_units", "conjugate_gradient_merge", "_solve_directly", "latency_aware_kept",
     # inside the merges: the damped G's inverse per layer, gathering each unit's system, the batched solves
     "_inverse", "submatrices", "inverse_submatrices", "times", "inverse_times", "_padded_solve",
 )

@@ -236,3 +236,11 @@ def test_structured_summary_says_when_the_macs_target_was_missed_and_the_default
                        "channel counts": "multiples of 16 in groups of >= 16 channels (--round-to)"}
     assert structured_summary({"macs_ratio": 2.0, "config": {"round_to": 1},
                                "latency": {"skipped": "resumed run"}}) == {"MACs reduction": "2.00x"}
+    allocation = {"predicted_speedup_over_uniform": 1.0412, "changed_groups": 3, "timed_shapes": 40,
+                  "timing_seconds": 2.04, "search_seconds": 2.5, "kept_uniform_because": None}
+    summary = structured_summary({"macs_ratio": 2.0, "config": {"round_to": 16}, "latency_allocation": allocation})
+    assert summary["latency-aware rounding"] == ("3 groups rounded the other way, predicted 1.04x faster than uniform "
+                                                 "(40 layer shapes timed in 2.0 s)")
+    summary = structured_summary({"macs_ratio": 2.0, "config": {"round_to": 16},
+                                  "latency_allocation": {**allocation, "changed_groups": 0}})
+    assert summary["latency-aware rounding"] == "the uniform rounding was the fastest (40 layer shapes timed in 2.0 s)"

@@ -100,6 +100,9 @@ def structured_summary(prune: dict) -> dict:
     if (config.get("round_to") or 1) > 1:
         groups = f" in groups of >= {config['round_min_group']} channels" if config.get("round_min_group") else ""
         summary["channel counts"] = f"multiples of {config['round_to']}{groups} (--round-to)"
+    allocation = prune.get("latency_allocation")
+    if allocation:
+        summary["latency-aware rounding"] = latency_rounding_summary(allocation)
     from camphive.measure.latency import latency_columns
 
     timed = [(size, latency_columns(prune.get("latency"), size)["speedup"]) for size in
@@ -108,6 +111,17 @@ def structured_summary(prune: dict) -> dict:
     if speedups:
         summary["speed-up"] = ", ".join(speedups)
     return summary
+
+
+def latency_rounding_summary(allocation: dict) -> str:
+    """One line on what the latency-aware rounding did (--no-latency-aware turns it off)."""
+    if allocation.get("kept_uniform_because"):
+        return f"not used: {allocation['kept_uniform_because']}"
+    timed = f"{allocation['timed_shapes']} layer shapes timed in {allocation['timing_seconds']:.1f} s"
+    if not allocation.get("changed_groups"):
+        return f"the uniform rounding was the fastest ({timed})"
+    return (f"{allocation['changed_groups']} groups rounded the other way, predicted "
+            f"{allocation['predicted_speedup_over_uniform']:.2f}x faster than uniform ({timed})")
 
 
 @app.command("compare")

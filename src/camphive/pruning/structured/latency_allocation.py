@@ -111,9 +111,9 @@ def latency_aware_kept(kept: dict[str, int], choices: dict[str, tuple[int, ...]]
     ``[(1 - band) * target_macs, target_macs]``; ``kept`` (the uniform mix) unless one saves more
     than ``margin`` of its predicted latency.
 
-    Moving channels between stages needs many groups to move together (resnet20's fastest mixes
-    at 2x widen all of stage 3 and narrow stages 1-2), which single or paired changes never find
-    one at a time. So the search first prices a MAC: for each of a range of weights ``w`` it
+    Moving time between stages needs many groups to move together (with wider choices, resnet20's
+    fastest mix at 2x narrows stages 1-2 and widens all of stage 3), which single or paired
+    changes do not find one at a time. So the search first prices a MAC: for each of a range of weights ``w`` it
     descends, one group at a time, on ``seconds - w * MACs`` from the uniform mix, brings the
     result into the band, and keeps the fastest; then it polishes that with single and paired
     changes while they save time within the band.
