@@ -42,11 +42,10 @@ def test_rebuilt_layers_take_the_inputs_and_give_the_outputs_of_the_originals():
     for hook in hooks:
         hook.remove()
     generator = torch.Generator().manual_seed(0)
+    counts = {"conv": (3, 16), "bn": (16, 16), "depthwise": (16, 16), "twin": (16, 16), "line": (16, 8), "fc": (512, 10)}
+    assert set(timer.specs) == set(counts)
     for name, spec in timer.specs.items():
-        module = dict(model.named_modules())[name]
-        in_channels = getattr(module, "in_channels", getattr(module, "in_features", getattr(module, "num_features", 0)))
-        out_channels = getattr(module, "out_channels", getattr(module, "out_features", getattr(module, "num_features", 0)))
-        layer, batch = build_layer(spec.recipe(in_channels, out_channels, 2), generator)
+        layer, batch = build_layer(spec.recipe(*counts[name], 2), generator)
         assert layer(batch).shape == (2, *outputs[name][1:]), name
     narrow, batch = build_layer(timer.specs["depthwise"].recipe(8, 8, 3), generator)
     assert narrow.groups == 8 and narrow(batch).shape == (3, 8, 8, 8)  # a depthwise conv stays depthwise

@@ -68,7 +68,8 @@ def test_rounding_choices_span_one_multiple_past_each_side_of_the_uniform_count(
             expected = {min(group.size, v) for v in range(max(step, low), high + 1, step)} | {kept[group.key]}
             assert choices[group.key] == tuple(sorted(expected)), group.key
     wide = rounding_choices(groups, original, fraction, kept, rounding, 40, reach=1)  # every group keeps >= 40
-    assert all(value >= min(40, original[key]) for key, values in wide.items() for value in values if value != kept[key])
+    assert all(value >= min(40, original[key])
+               for key, values in wide.items() for value in values if value != kept[key])
     assert any(len(values) > 1 for values in wide.values())
 
 
@@ -89,7 +90,8 @@ def test_search_ends_where_no_single_or_paired_change_is_faster_and_near_the_bru
                 if 0.95 * target <= macs_model.predict(dict(zip(keys, values))) <= target]
     fastest = min(feasible, key=seconds)
     assert 0.95 * target <= macs_model.predict(result.kept) <= target
-    assert result.seconds == pytest.approx(seconds(result.kept)) and result.uniform_seconds == pytest.approx(seconds(kept))
+    assert result.seconds == pytest.approx(seconds(result.kept))
+    assert result.uniform_seconds == pytest.approx(seconds(kept))
     assert seconds(fastest) < 0.97 * seconds(kept)  # the case is not trivial: the uniform mix is slower
     assert seconds(result.kept) < 0.95 * seconds(kept) and seconds(result.kept) <= 1.03 * seconds(fastest)
     for first, second in itertools.combinations_with_replacement(keys, 2):  # a local optimum of the search's moves

@@ -61,13 +61,13 @@ class MacsModel:
                     out_channels, in_channels = module.out_channels, module.in_channels
                     depthwise = module.groups > 1 and module.groups == module.in_channels
                     per_pair = weight.numel() / (out_channels * in_channels)
-                self.layers.append(_LayerCost(name, macs / weight.numel(), "weights", out_channels, in_channels, per_pair,
-                                              depthwise, entry["out"], entry["in"]))
+                self.layers.append(_LayerCost(name, macs / weight.numel(), "weights", out_channels, in_channels,
+                                              per_pair, depthwise, entry["out"], entry["in"]))
                 modelled += macs
             elif isinstance(module, nn.modules.batchnorm._BatchNorm) and macs:
                 entry = memberships.get(name, {"out": [], "in": []})
-                self.layers.append(_LayerCost(name, macs / module.num_features, "norm", module.num_features, 0, 0.0, False,
-                                              entry["out"], []))
+                self.layers.append(_LayerCost(name, macs / module.num_features, "norm", module.num_features, 0, 0.0,
+                                              False, entry["out"], []))
                 modelled += macs
         self.fixed = self.total - modelled
 
