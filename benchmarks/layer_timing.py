@@ -109,8 +109,9 @@ def main(argv=None) -> None:
     names = list(mixes)
     rho = spearman([measured[n] for n in names], [predicted[n] for n in names])
 
-    lines = [f"resnet20 (1x28x28, random weights), 2x fewer MACs, multiples of 16 (8 in 16-channel groups), "
-             f"{len(set(shapes))} layer shapes; {args.threads} thread(s).\n",
+    lines = [f"resnet20 (1x28x28, random weights), 2x fewer MACs, multiples of 16 (8 in 16-channel groups): "
+             f"{len(set(shapes))} (layer, channel counts) choices, {timer.timed_shapes} distinct shapes to time; "
+             f"{args.threads} thread(s).\n",
              "Repeatability: four tables of the same shapes; relative spread (std / mean) of each shape's four "
              "medians:\n", "| timed | median spread | largest spread |", "|---|---|---|",
              f"| in this process (default glibc allocator) | {here[0]:.3f} | {here[1]:.3f} |",
