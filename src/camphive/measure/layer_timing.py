@@ -13,9 +13,10 @@ MACs at the mean rate of the timed ones.
 On the CPU the timing runs in a child process whose allocator keeps freed memory
 (:func:`~camphive.measure.allocator.keep_freed_memory`): in a default glibc process each
 batch-64 activation is mmapped and unmapped on every call, and the page faults that follow
-depend on the allocator's history, so the same layer measured 28 or 61 us per sample in one
-process; kept, the medians repeat within a few percent, and their sums ranked 16 resnet20
-allocations in the order of the whole models' latency (Spearman 0.97).
+depend on the allocator's history: four timings of the same resnet20 layer shapes in one default
+process varied by up to 29 % (3.2 % median), in the child by up to 5.5 % (1.5 %), and the sums of
+the child's timings ranked 16 resnet20 channel mixes in the order of their whole-model latency
+with Spearman 0.94 (benchmarks/layer_timing.py).
 """
 from __future__ import annotations
 

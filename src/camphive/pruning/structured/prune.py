@@ -13,8 +13,9 @@ Each cycle:
    Taylor, random, OBD, Hutchinson, Torch-Pruning's group importances);
 3. decide how many channels each group keeps (:mod:`~camphive.pruning.structured.budget`):
    this cycle's share of the final ``sparsity`` (fraction of channels) or
-   ``target_macs_ratio``, uniform over groups or global by normalized score, optionally
-   rounded to multiples of ``round_to``;
+   ``target_macs_ratio``, uniform over groups or global by normalized score, rounded to
+   multiples of ``round_to`` (up or down by the layers' timed speed with a MACs target:
+   :mod:`~camphive.pruning.structured.latency_allocation`);
 4. fold the lowest-scoring channels into kept ones through every layer that reads them
    (:mod:`~camphive.pruning.structured.merging`), remove them physically (so MACs, parameters
    and latency really drop, and the model exports and reloads as usual), and re-estimate
