@@ -1,4 +1,5 @@
 """LayerTimer: rebuilt layers match the originals' shapes; shapes are timed once; the child process runs."""
+import json
 import subprocess
 
 import pytest
@@ -82,3 +83,26 @@ def test_the_child_process_times_the_shapes_and_a_failed_child_falls_back_to_thi
     with caplog.at_level("WARNING", logger="camphive.measure"):
         fallback.measure([("conv", 3, 16)])
     assert fallback.seconds("conv", 3, 16) > 0 and "no child today" in caplog.text
+
+
+def test_the_child_gets_this_process_threads_and_layout_and_its_answer_fills_the_table(monkeypatch):
+    model = Mixed().eval()
+    sent = {}
+
+    def child(command, input, **kwargs):
+        sent.update(json.loads(input))
+        return subprocess.CompletedProcess(command, 0, json.dumps([1e-3 * (i + 1) for i in range(len(sent["recipes"]))]),
+                                           "")
+    monkeypatch.setattr(layer_timing.subprocess, "run", child)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        timer = LayerTimer(model, (torch.randn(1, 3, 16, 16),), batch_size=8, channels_last=True)
+        timer.measure([("conv", 3, 16), ("bn", 16, 16)])
+    finally:
+        torch.set_num_threads(previous)
+    assert sent["threads"] == 1 and sent["channels_last"] is True and len(sent["recipes"]) == 2
+    assert timer.seconds("conv", 3, 16) == pytest.approx(1e-3) and timer.seconds("bn", 16, 16) == pytest.approx(2e-3)
+    reloaded = LayerTimer(model, (torch.randn(1, 3, 16, 16),), batch_size=8)
+    reloaded.load_timings(json.loads(json.dumps(timer.timings())))  # through JSON, as a resume state is stored
+    assert reloaded.seconds("conv", 3, 16) == pytest.approx(1e-3)

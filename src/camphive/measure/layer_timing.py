@@ -181,8 +181,8 @@ class LayerTimer:
             return
         started = time.perf_counter()
         recipes = list(new)
-        options = {"threads": self.threads, "channels_last": self.channels_last, "seconds": self.seconds_budget,
-                   "min_repeats": self.min_repeats}
+        options = {"threads": self.threads or torch.get_num_threads(),  # a child starts with torch's default
+                   "channels_last": self.channels_last, "seconds": self.seconds_budget, "min_repeats": self.min_repeats}
         seconds = _time_in_child(recipes, options) if self.isolate else None
         if seconds is None:
             seconds = time_recipes(recipes, device=str(self.device), **options)
