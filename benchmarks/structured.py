@@ -13,8 +13,9 @@ Sections (``--sections``):
 * ``latency``: the latency part of ``criteria`` alone (L1-pruned shapes, with the same rounding
   levers as ``speed``), for re-timing.
 * ``speed``: resnet56 at CIFAR size (3x32x32, untrained: MACs and latency only) at each
-  ratio, with exact channel counts, rounded uniformly to multiples of 8 and of the default's multiple
-  (16 on AVX-512 CPUs), and the default (that multiple, latency-aware), with and without BatchNorm folding.
+  ratio, with exact channel counts, rounded uniformly to multiples of 8 and of the default's
+  multiple (16 on AVX-512 CPUs), and as the default rounds (that multiple, latency-aware), with
+  and without BatchNorm folding.
 
 Every criterion runs through the same entry (``prune_structured``), with the same
 calibration images, allocation (uniform per group), target and fine-tune; only scores

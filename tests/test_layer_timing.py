@@ -59,6 +59,9 @@ def test_each_distinct_shape_is_timed_once_and_calls_are_capped_in_size():
                        max_macs_per_call=16 * 9 * 64 * 10, isolate=False)  # ten samples of the depthwise conv
     assert timer.batch_for("depthwise") == 10 and timer.batch_for("fc") == 18 and timer.batch_for("conv") == 3
     assert timer.batch_for("bn") == 64
+    by_bytes = LayerTimer(model, (torch.randn(1, 3, 16, 16),), batch_size=64, max_bytes_per_call=5 * 4 * 64 * 32,
+                          isolate=False)  # five samples of the depthwise conv's 16 + 16 channels at 8x8, float32
+    assert by_bytes.batch_for("depthwise") == 5 and by_bytes.batch_for("fc") == 19  # 4 * (512 + 10) bytes each
     timer.measure([("depthwise", 16, 16), ("twin", 16, 16), ("depthwise", 8, 8), ("bn", 16, 16), ("fc", 512, 10)])
     assert timer.timed_shapes == 4 and len(timer.table) == 4
     assert timer.seconds("depthwise", 16, 16) == timer.seconds("twin", 16, 16) > 0

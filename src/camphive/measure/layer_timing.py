@@ -54,6 +54,11 @@ class _LayerSpec:
     def macs(self, in_channels: int, out_channels: int) -> float:
         return self.macs_per_io * (out_channels if self.kind == "norm" else in_channels * out_channels)
 
+    def activation_bytes(self, in_channels: int, out_channels: int) -> float:
+        """float32 bytes of one sample's input and output (outputs at the input's resolution, at most)."""
+        positions = math.prod(self.sample_shape[:-1] if self.kind == "linear" else self.sample_shape[1:])
+        return 4.0 * positions * (in_channels + out_channels)
+
     def recipe(self, in_channels: int, out_channels: int, batch: int) -> tuple:
         """A plain, hashable description of the layer at these counts, which :func:`build_layer` builds."""
         module = self.module
@@ -141,8 +146,8 @@ class LayerTimer:
 
     ``example``: the model's inputs (one sample is enough; only their shapes are read).
     ``batch_size``: the batch the timings stand for, lowered for a layer whose call would
-    exceed ``max_macs_per_call`` (an ImageNet stem at batch 64 takes seconds; its per-sample
-    time at batch 2 is much the same). ``threads``: torch's threads while timing (None: as now).
+    exceed ``max_macs_per_call`` or move more than ``max_bytes_per_call`` of inputs and outputs
+    (an ImageNet stem at batch 64 takes seconds; its per-sample time at batch 2 is much the same). ``threads``: torch's threads while timing (None: as now).
     ``channels_last``: 4-D layers and inputs in the NHWC layout. ``seconds``: about how long
     one :meth:`measure` takes, at least ``min_repeats`` interleaved rounds of every new shape.
     ``isolate`` (default: on the CPU) times in a child process (see the module docstring).
@@ -150,9 +155,10 @@ class LayerTimer:
 
     def __init__(self, model: nn.Module, example: tuple, *, batch_size: int = 64, threads: int | None = None,
                  channels_last: bool = False, seconds: float = 1.0, max_macs_per_call: float = 4e8,
-                 min_repeats: int = 5, isolate: bool | None = None):
+                 max_bytes_per_call: float = 64e6, min_repeats: int = 5, isolate: bool | None = None):
         self.batch_size, self.threads, self.channels_last = int(batch_size), threads, channels_last
-        self.seconds_budget, self.max_macs_per_call, self.min_repeats = seconds, max_macs_per_call, min_repeats
+        self.seconds_budget, self.min_repeats = seconds, min_repeats
+        self.max_macs_per_call, self.max_bytes_per_call = max_macs_per_call, max_bytes_per_call
         self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.isolate = self.device.type == "cpu" if isolate is None else isolate
         self.specs = _layer_specs(model, example)
@@ -162,10 +168,13 @@ class LayerTimer:
         self.timing_seconds = 0.0
 
     def batch_for(self, name: str) -> int:
-        """The batch a layer is timed at: ``batch_size``, or less if one call would be too large."""
+        """The batch a layer is timed at: ``batch_size``, or less if one call would be too large
+        (more than ``max_macs_per_call`` MACs, or inputs and outputs over ``max_bytes_per_call``)."""
         spec = self.specs[name]
-        dense = spec.macs(_in_channels(spec.module), _out_channels(spec.module))
-        return int(max(1, min(self.batch_size, math.floor(self.max_macs_per_call / max(dense, 1.0)))))
+        in_channels, out_channels = _in_channels(spec.module), _out_channels(spec.module)
+        by_macs = self.max_macs_per_call / max(spec.macs(in_channels, out_channels), 1.0)
+        by_bytes = self.max_bytes_per_call / max(spec.activation_bytes(in_channels, out_channels), 1.0)
+        return int(max(1, min(self.batch_size, math.floor(by_macs), math.floor(by_bytes))))
 
     def measure(self, shapes: Iterable[tuple[str, int, int]]) -> None:
         """Time every ``(layer name, in channels, out channels)`` not in the table yet, interleaved."""
