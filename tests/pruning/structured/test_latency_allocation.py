@@ -152,3 +152,28 @@ def test_latency_aware_is_not_used_without_a_macs_target_or_without_rounding():
         result = prune_structured(_three_stage_cnn(), data, criterion="magnitude", measure_latency=False,
                                   latency_aware=True, **options)
         assert result.extra["latency_allocation"] is None
+
+
+def test_bringing_macs_into_the_band_removes_the_slowest_macs_first():
+    from camphive.pruning.structured.latency_allocation import _Costs, _into_band
+
+    model = _three_stage_cnn()
+    groups, macs_model, rounding, target, kept, fraction = _setup(model, torch.randn(1, 1, 16, 16))
+    choices = rounding_choices(groups, {}, fraction, kept, rounding, 1, reach=1)
+    timer = PaddedTimer(macs_model, memory_weight=100.0, pad=1)
+    start = {key: max(values) for key, values in choices.items()}  # every group at its widest: too many MACs
+    costs = _Costs(macs_model, timer, start)
+    assert costs.macs > target
+    rates = {}
+    for key, values in choices.items():
+        for value in values:
+            macs, seconds = costs.change({key: value})
+            if macs < costs.macs:
+                rates[(key, value)] = (seconds - costs.seconds) / (costs.macs - macs)
+    applied = []
+    original_apply = costs.apply
+    costs.apply = lambda changes: (applied.append(changes), original_apply(changes))
+    _into_band(costs, choices, list(choices), 0.9 * target, target)
+    first_key, first_value = min(rates, key=rates.get)  # the most time saved per MAC removed
+    assert applied[0] == {first_key: first_value}
+    assert 0.9 * target <= costs.macs <= target

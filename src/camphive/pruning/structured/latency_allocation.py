@@ -113,10 +113,10 @@ def latency_aware_kept(kept: dict[str, int], choices: dict[str, tuple[int, ...]]
 
     Moving time between stages needs many groups to move together (with wider choices, resnet20's
     fastest mix at 2x narrows stages 1-2 and widens all of stage 3), which single or paired
-    changes do not find one at a time. So the search first prices a MAC: for each of a range of weights ``w`` it
-    descends, one group at a time, on ``seconds - w * MACs`` from the uniform mix, brings the
-    result into the band, and keeps the fastest; then it polishes that with single and paired
-    changes while they save time within the band.
+    changes do not find one at a time. So the search first prices a MAC: for each of a range of
+    weights ``w`` it descends, one group at a time, on ``seconds - w * MACs`` from the uniform mix,
+    brings the result into the band, and keeps the fastest; then it polishes that with single and
+    paired changes while they save time within the band.
     """
     started = time.perf_counter()
     shapes = _possible_shapes(macs_model, kept, choices)
@@ -167,7 +167,7 @@ def _descend(costs: _Costs, choices, movable, weight: float) -> None:
 
 def _into_band(costs: _Costs, choices, movable, lowest: float, highest: float) -> None:
     """Lower (or raise) groups until the MACs are in ``[lowest, highest]``, each time by the change
-    that costs the least time per MAC removed (saves the most per MAC added)."""
+    that saves the most time per MAC removed (adds the least per MAC added)."""
     for _ in range(sum(len(values) for values in choices.values())):
         if lowest <= costs.macs <= highest:
             return
@@ -177,7 +177,7 @@ def _into_band(costs: _Costs, choices, movable, lowest: float, highest: float) -
             macs, seconds = costs.change(changes)
             if (macs < costs.macs) != too_many or macs == costs.macs:
                 continue
-            rate = (seconds - costs.seconds) / abs(macs - costs.macs) * (-1 if too_many else 1)
+            rate = (seconds - costs.seconds) / abs(macs - costs.macs)  # seconds per MAC moved: lowest is best
             if rate < best_rate:
                 best, best_rate = changes, rate
         if best is None:
