@@ -54,7 +54,7 @@ def _setup(model: nn.Module, example: torch.Tensor, multiple: int = 16, ratio: f
     return groups, macs_model, rounding, target, kept, fraction
 
 
-def test_rounding_choices_span_one_multiple_past_each_side_of_the_uniform_count():
+def test_rounding_choices_are_the_multiples_either_side_of_the_uniform_count_and_reach_further_on_request():
     model = _three_stage_cnn()
     groups, macs_model, rounding, target, kept, fraction = _setup(model, torch.randn(1, 1, 16, 16))
     original = {group.key: group.size for group in groups}
