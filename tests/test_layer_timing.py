@@ -51,6 +51,8 @@ def test_rebuilt_layers_take_the_inputs_and_give_the_outputs_of_the_originals():
     narrow, batch = build_layer(timer.specs["depthwise"].recipe(8, 8, 3), generator)
     assert narrow.groups == 8 and narrow(batch).shape == (3, 8, 8, 8)  # a depthwise conv stays depthwise
     assert timer.specs["conv"].macs(3, 16) == pytest.approx(16 * 3 * 9 * 8 * 8)  # 8x8 outputs of a stride-2 conv
+    assert timer.specs["depthwise"].macs(8, 8) == pytest.approx(8 * 9 * 8 * 8)  # one 3x3 filter per channel
+    assert timer.specs["line"].macs(16, 8) == pytest.approx(8 * 16 * 5 * 64)  # padding="same": 64 outputs
 
 
 def test_each_distinct_shape_is_timed_once_and_calls_are_capped_in_size():

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from camphive.measure.latency import time_interleaved
+from camphive.measure.macs import count_macs
 from camphive.modules import eval_mode, inputs_on_model_device
 
 log = logging.getLogger("camphive.measure")
@@ -49,10 +50,17 @@ class _LayerSpec:
     kind: str  # "conv", "linear", "norm" or "other" (costed by MACs)
     module: nn.Module
     sample_shape: tuple[int, ...]  # input shape of one sample (channels first; a linear's features last)
-    macs_per_io: float  # MACs per sample per (input channel x output channel) (norms: per channel)
+    macs_now: float  # per sample, at the channel counts it had when the spec was made (count_macs)
+    channels_now: tuple[int, int]  # those (input, output) channel counts
+    per_channel: bool  # a norm or a depthwise conv: MACs follow its channels, not inputs x outputs
 
     def macs(self, in_channels: int, out_channels: int) -> float:
-        return self.macs_per_io * (out_channels if self.kind == "norm" else in_channels * out_channels)
+        """Per-sample MACs at these channel counts: a norm's and a depthwise conv's scale with their
+        channels, the others' with inputs times outputs."""
+        in_now, out_now = self.channels_now
+        if self.per_channel:
+            return self.macs_now * out_channels / out_now
+        return self.macs_now * in_channels * out_channels / (in_now * out_now)
 
     def activation_bytes(self, in_channels: int, out_channels: int) -> float:
         """float32 bytes of one sample's input and output (outputs at the input's resolution, at most)."""
@@ -252,7 +260,8 @@ def _out_channels(module: nn.Module) -> int:
 
 @torch.no_grad()
 def _layer_specs(model: nn.Module, example: tuple) -> dict[str, _LayerSpec]:
-    """Every conv, linear and norm layer's rebuild recipe, from one forward pass on one sample."""
+    """Every conv, linear and norm layer's rebuild recipe: its input shape, from one forward pass on
+    one sample, and its MACs, from :func:`~camphive.measure.count_macs`."""
     shapes: dict[str, tuple[int, ...]] = {}
     handles = []
     for name, module in model.named_modules():
@@ -267,29 +276,16 @@ def _layer_specs(model: nn.Module, example: tuple) -> dict[str, _LayerSpec]:
     finally:
         for handle in handles:
             handle.remove()
+    macs = count_macs(model, tuple(x[:1] for x in example)).per_layer
     modules = dict(model.named_modules())
     specs = {}
     for name, shape in shapes.items():
         module = modules[name]
-        kind = _kind(module)
-        if kind == "norm" or isinstance(module, nn.modules.batchnorm._BatchNorm):
-            per_io = float(math.prod(shape[1:]))
-        else:
-            positions = math.prod(shape[:-1]) if kind == "linear" else _output_positions(module, shape)
-            per_io = positions * module.weight.numel() / (_in_channels(module) * _out_channels(module))
-        specs[name] = _LayerSpec(kind, module, shape, per_io)
+        per_channel = isinstance(module, nn.modules.batchnorm._BatchNorm) or (
+            isinstance(module, nn.modules.conv._ConvNd) and 1 < module.groups == module.in_channels)
+        specs[name] = _LayerSpec(_kind(module), module, shape, float(macs.get(name or "(model)", 0)),
+                                 (_in_channels(module), _out_channels(module)), per_channel)
     return specs
-
-
-def _output_positions(module: nn.Module, shape: tuple[int, ...]) -> float:
-    """Output positions of a convolution on an input of one sample's ``shape`` (channels first)."""
-    if not isinstance(module, nn.modules.conv._ConvNd) or isinstance(module.padding, str):
-        return float(math.prod(shape[1:]))
-    positions = 1
-    for size, kernel, stride, padding, dilation in zip(shape[1:], module.kernel_size, module.stride, module.padding,
-                                                       module.dilation):
-        positions *= max(1, (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1)
-    return float(positions)
 
 
 def _child_main() -> None:
