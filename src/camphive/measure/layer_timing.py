@@ -14,9 +14,9 @@ On the CPU the timing runs in a child process whose allocator keeps freed memory
 (:func:`~camphive.measure.allocator.keep_freed_memory`): in a default glibc process each
 batch-64 activation is mmapped and unmapped on every call, and the page faults that follow
 depend on the allocator's history: four timings of the same resnet20 layer shapes in one default
-process varied by up to 29 % (3.2 % median), in the child by up to 5.5 % (1.5 %), and the sums of
-the child's timings ranked 16 resnet20 channel mixes in the order of their whole-model latency
-with Spearman 0.94 (benchmarks/layer_timing.py).
+process varied by up to 28-29 % (2.5-3.2 % median), in the child by up to 5.5-11 % (1.5-1.8 %), and
+the sums of the child's timings ranked 20 channel mixes in the order of their whole-model latency
+with Spearman 0.81 (resnet20), 0.84 (resnet56) and 0.92 (MobileNetV2) (benchmarks/layer_timing.py).
 """
 from __future__ import annotations
 
