@@ -189,3 +189,28 @@ def test_greedy_removal_drops_removed_channels_without_changing_a_bit():
             _remove(inverse, products, chosen)
     order, marginal = greedy_obs_removal(group, grams, damping=0.01)
     assert order.tolist() == expected_order and torch.equal(marginal, torch.stack(expected_marginal))
+
+
+def test_obs_step_matches_the_explicit_fold_at_every_position():
+    """``_remove`` (in place, batched over flatten positions) against the fold written out: the
+    consumer's weights ``W <- W - w_c r^T`` with ``r = G^-1[c] / G^-1[c, c]``, its products ``W^T W``
+    recomputed from them, and ``G^-1`` downdated by the same pivot; channel c's row and column zero."""
+    from camphive.pruning.structured.saliency import _remove
+
+    generator = torch.Generator().manual_seed(3)
+    positions, outputs, size, chosen = 3, 4, 5, 2
+    activations = torch.randn(positions, 40, size, dtype=torch.float64, generator=generator)
+    inverse = torch.linalg.inv(activations.transpose(1, 2) @ activations / 40)
+    weights = torch.randn(positions, outputs, size, dtype=torch.float64, generator=generator)
+    products = weights.transpose(1, 2) @ weights
+    row = inverse[:, chosen, :] / inverse[:, chosen, chosen, None]
+    folded = weights - weights[:, :, chosen, None] * row[:, None, :]
+    expected_products = folded.transpose(1, 2) @ folded
+    expected_inverse = inverse - inverse[:, :, chosen, None] * row[:, None, :]
+    for matrix in (expected_products, expected_inverse):
+        matrix[:, chosen, :] = 0
+        matrix[:, :, chosen] = 0
+    _remove(inverse, products, chosen)
+    assert torch.allclose(products, expected_products, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(inverse, expected_inverse, rtol=1e-12, atol=1e-12)
+    assert float(folded[:, :, chosen].abs().max()) < 1e-12  # the fold empties the removed channel's column
