@@ -208,13 +208,14 @@ def accuracy_verdicts(name: str, table: dict, ratios: list[float]) -> list[str]:
 
 def latency_aware(args) -> dict:
     """The prune options of ``--latency-aware`` (the default; timed at the benchmark's threads)."""
-    return {"latency_aware": args.latency_aware, "latency_threads": args.threads}
+    return {"latency_aware": args.latency_aware, "latency_threads": args.threads, "latency_reach": args.latency_reach}
 
 
 def latency_note(args) -> str:
     if args.round_to <= 1:
         return ""
-    return ", latency-aware (each group rounded up or down by timed layers)" if args.latency_aware else (
+    reach = f", up to {args.latency_reach} more multiple(s) either way" if args.latency_reach else ""
+    return f", latency-aware (each group rounded up or down by timed layers{reach})" if args.latency_aware else (
         ", rounded as uniformly as the multiples allow")
 
 
@@ -237,13 +238,16 @@ def latency_table(name: str, dense, shapes: dict, ratios, calibration, args, not
     for label, model in shapes.items():
         candidates[label] = model
     multiples = sorted({8, cpu_vector_floats()})  # the rounding levers: multiples of 8 and the default's
-    levers = [(multiple, False) for multiple in multiples] + [(cpu_vector_floats(), True)]
-    for ratio, (multiple, aware) in itertools.product(ratios if add_rounded else (), levers):  # same target
+    levers = [(multiple, False, 0) for multiple in multiples] + [(cpu_vector_floats(), True, 0)]
+    if args.latency_reach:
+        levers.append((cpu_vector_floats(), True, args.latency_reach))
+    for ratio, (multiple, aware, reach) in itertools.product(ratios if add_rounded else (), levers):  # same target
         rounded = copy.deepcopy(dense)
         prune_structured(rounded, calibration, target_macs_ratio=ratio, criterion="magnitude", round_to=multiple,
                          round_min_group=16, measure_latency=False, latency_aware=aware,
-                         latency_threads=args.threads)
-        how = ", latency-aware (the default here)" if aware else ", uniform"
+                         latency_threads=args.threads, latency_reach=reach)
+        how = (f", latency-aware, latency_reach {reach}" if reach else ", latency-aware (the default here)" if aware
+               else ", uniform")
         candidates[f"{ratio:g}x, round_to {multiple}{how}"] = rounded
     unfolded = dict(candidates)
     folded = {f"{label}, BN folded": fold_batchnorm(model) for label, model in candidates.items()}
@@ -351,6 +355,9 @@ def main(argv=None) -> None:
     parser.add_argument("--latency-aware", action=argparse.BooleanOptionalAction, default=True,
                         help="criteria, with --round-to > 1: round each group up or down by timed layers (prune's "
                              "default; --no-latency-aware: as uniformly as the multiples allow)")
+    parser.add_argument("--latency-reach", type=int, default=0,
+                        help="criteria: prune's latency_reach (0, the default: one multiple either side); latency: "
+                             "also time the latency-aware shapes with this reach")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-write", dest="write", action="store_false", help="print only, leave RESULTS.md alone")

@@ -146,6 +146,38 @@ def test_latency_aware_prune_times_layers_and_reaches_the_target():
     assert model(torch.randn(2, 1, 16, 16)).shape == (2, 10)
 
 
+def test_latency_reach_widens_the_choices_the_prune_searches(monkeypatch):
+    import camphive.pruning.structured.prune as structured_prune
+
+    seen = []
+
+    def recording(*args, **kwargs):
+        choices = rounding_choices(*args, **kwargs)
+        seen.append((kwargs.get("reach"), choices))
+        return choices
+
+    monkeypatch.setattr(structured_prune, "rounding_choices", recording)
+    data = [(torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,)))]
+    counts = {}
+    for reach in (0, 1):
+        model = _three_stage_cnn()
+        result = prune_structured(model, data, target_macs_ratio=2.0, criterion="magnitude", measure_latency=False,
+                                  round_to=16, latency_reach=reach, latency_seconds=0.05, latency_batch_sizes=(4,))
+        assert result.extra["target_reached"] and result.config["latency_reach"] == reach
+        counts[reach] = {key: len(values) for key, values in seen[-1][1].items()}
+    assert [reach for reach, _ in seen] == [0, 1]
+    assert all(counts[1][key] >= counts[0][key] for key in counts[0])
+    assert sum(counts[1].values()) > sum(counts[0].values())
+
+
+def test_latency_reach_must_not_be_negative():
+    from camphive.errors import ConfigError
+    from camphive.pruning.structured.settings import StructuredSettings
+
+    with pytest.raises(ConfigError, match="latency_reach must be"):
+        StructuredSettings(target_macs_ratio=2.0, latency_reach=-1)
+
+
 def test_latency_aware_is_not_used_without_a_macs_target_or_without_rounding():
     data = [(torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,)))]
     for options in ({"sparsity": 0.5}, {"target_macs_ratio": 2.0, "round_to": 1}):

@@ -233,7 +233,7 @@ class StructuredRun(PruningMode):
                                     channels_last=settings.latency_channels_last and self.example[0].dim() == 4)
             self.timer.load_timings(self.timings)
         choices = rounding_choices(groups, self.original_sizes, fraction, kept, settings.rounding(),
-                                   settings.min_channels)
+                                   settings.min_channels, reach=settings.latency_reach)
         allocation = latency_aware_kept(kept, choices, macs_model, target_macs, self.timer)
         self.timings = self.timer.timings()
         self.allocation = allocation.describe()

@@ -37,7 +37,9 @@ class StructuredSettings(PruneSettings):
     above its uniform count and keeps the mix of lowest predicted latency whose MACs stay within
     2 % under the target, if it saves more than 1 %
     (:mod:`~camphive.pruning.structured.latency_allocation`); the shapes then depend on the
-    machine and on timing noise (``latency_aware=False``: the same shapes everywhere). Every group keeps
+    machine and on timing noise (``latency_aware=False``: the same shapes everywhere);
+    ``latency_reach=n`` lets each group go ``n`` multiples further either way (opt-in: faster shapes,
+    measured to cost accuracy before fine-tuning). Every group keeps
     at least ``min_channels`` (a count, or a fraction if < 1). ``channel_score``
     (CAMP-HiVe): "greedy_obs", "obs" or "summed". ``merge``: "least_squares" (``intercept``
     adds a constant to the fit), "pair" (``pairing`` coupled|cyclic, ``beta_from``
@@ -64,6 +66,9 @@ class StructuredSettings(PruneSettings):
         "help": "With a MACs target and rounded counts, round each group up or down by timing its layers here",
         "off_help": "Round as uniformly as the multiples allow (the same shapes on every machine)",
         "panel": "Structured"})
+    latency_reach: int = field(default=0, metadata={
+        "help": "Latency-aware rounding: multiples each group may move beyond the two around its uniform count "
+                "(faster shapes, less accuracy before fine-tuning)", "min": 0, "panel": "Structured"})
     min_channels: int | float = field(default=1, metadata={
         "help": "Channels every layer keeps: a count, or a fraction if < 1", "panel": "Structured"})
     channel_score: str | None = field(default=None, metadata={
@@ -109,6 +114,9 @@ class StructuredSettings(PruneSettings):
                       else self.round_min_group)
         elif self.round_min_group is None:
             self._set("round_min_group", 0)
+        if self.latency_reach < 0:
+            raise ConfigError(f"latency_reach must be a number of multiples >= 0 (0: just below or above the uniform "
+                              f"count), got {self.latency_reach}")
         if not self.min_channels > 0:
             raise ConfigError(f"min_channels must be > 0 (a count, or a fraction below 1), got {self.min_channels}")
         camp_hive = is_camp_hive(self.criterion)
