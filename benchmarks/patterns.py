@@ -27,6 +27,9 @@ from camphive.pruning.unstructured.patterns import pattern_layout, pattern_viola
 from camphive.report import markdown_table
 from camphive.training import finetune
 
+GREEDY_ROW = "camp-hive, forward selection within units"
+ABLATION_NOTE = ("; the ablation row chooses each unit's kept weights jointly by forward selection on its Gram, "
+                 "the same count in every group, in the last cycle (unit_selection='greedy')")
 # Calibration images and fine-tuning images per model, as benchmarks/unstructured.py's tables use them.
 BUDGETS = {"small-cnn": (1024, 20000), "resnet20": (512, 10000)}
 
@@ -70,6 +73,9 @@ def parse_args(argv=None):
     parser.add_argument("--patterns", default="2:4,4:8")
     parser.add_argument("--criteria", default="camp-hive,magnitude")
     parser.add_argument("--reference", action="store_true", help="also prune to N/M without a pattern")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also CAMP-HiVe with unit_selection='greedy' (forward selection within each unit, the "
+                             "same count per group) beside its default under a pattern (each group's top scores)")
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--finetune-samples", type=int, default=None, help="default: the model's budget")
     parser.add_argument("--calib-samples", type=int, default=None, help="default: the model's budget")
@@ -101,9 +107,12 @@ def main(argv=None) -> None:
         if args.reference:  # the same fractions without a pattern, once each
             fractions = sorted({int(n) / int(m) for n, m in (pattern.split(":") for pattern in patterns)})
             settings.update({f"{fraction:g} unstructured": {"sparsity": fraction} for fraction in fractions})
+        rows = {criterion: {"criterion": criterion} for criterion in criteria}
+        if args.ablation:
+            rows[GREEDY_ROW] = {"criterion": "camp-hive", "unit_selection": "greedy"}
         for column, options in settings.items():
-            for criterion in criteria:
-                row = run_one(dense, calib, test, finetune_loader, {"criterion": criterion, **options},
+            for criterion, row_options in rows.items():
+                row = run_one(dense, calib, test, finetune_loader, {**row_options, **options},
                               args.finetune_epochs, args.seed)
                 results.setdefault(criterion, {})[column] = row
                 loads.append(os.getloadavg()[0])
@@ -115,9 +124,9 @@ def main(argv=None) -> None:
                 f"epoch(s) ({per_epoch or 0:.0f} s/epoch); {calib_samples} calibration images; fine-tuning: "
                 f"{args.finetune_epochs} epoch(s) on {finetune_samples} images, lr 0.01, masks enforced; seed "
                 f"{args.seed}; {args.threads} thread(s). Each criterion with its defaults (CAMP-HiVe: 3 cycles, "
-                "least-squares merge; magnitude, Wanda: 1 cycle, plain removal; SparseGPT: 1 cycle, its own update "
-                "of the kept weights), the same pattern for all. Cells: accuracy right after pruning / after "
-                "fine-tuning.\n\n"
+                "least-squares merge, each group's highest scores kept; magnitude, Wanda: 1 cycle, plain removal;"
+                " SparseGPT: 1 cycle, its own update of the kept weights), the same pattern for all"
+                f"{ABLATION_NOTE if args.ablation else ''}. Cells: accuracy right after pruning / after fine-tuning.\n\n"
                 f"Pattern held exactly in every group of every patterned layer: "
                 f"{'yes' if all(cell['violations'] == 0 for cell in checks) else 'NO'} ({len(checks)} runs). "
                 f"Left dense (no N:M layout): {', '.join(dense_layers) or 'none'}; the achieved global sparsity "

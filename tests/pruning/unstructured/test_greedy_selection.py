@@ -16,11 +16,15 @@ def refit_error(weight_row: torch.Tensor, hessian: torch.Tensor, kept: set[int])
     return float(reconstruction_errors(best, weight_row[None], hessian))
 
 
-def brute_force_greedy(weight_row, hessian, alive_row, keep: int) -> set[int]:
-    """Add, one at a time, the alive weight whose refit error is least given those added before."""
+def brute_force_greedy(weight_row, hessian, alive_row, keep: int, quota: dict | None = None) -> set[int]:
+    """Add, one at a time, the alive weight whose refit error is least given those added before (with ``quota``
+    ``{group: (columns, count)}``: only from groups holding fewer than their count)."""
     kept: set[int] = set()
+    full = set()
     for _ in range(keep):
-        candidates = [j for j in range(weight_row.numel()) if alive_row[j] and j not in kept]
+        if quota is not None:
+            full = {j for columns, count in quota.values() if len(kept & set(columns)) >= count for j in columns}
+        candidates = [j for j in range(weight_row.numel()) if alive_row[j] and j not in kept and j not in full]
         kept.add(min(candidates, key=lambda j: refit_error(weight_row, hessian, kept | {j})))
     return kept
 
@@ -38,6 +42,53 @@ def test_exact_greedy_matches_brute_force(seed):
     for row in range(4):
         expected = brute_force_greedy(weight[row], hessian, alive[row], int(keep[row]))
         assert set(chosen[row].nonzero().flatten().tolist()) == expected
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_exact_greedy_under_a_pattern_matches_brute_force_and_holds_each_group_count(seed):
+    weight, gram = layer_problem(3, 12, seed=seed)
+    groups = torch.tensor([[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]])  # strided, as a conv's groups are
+    alive = torch.ones(3, 12, dtype=torch.bool)
+    alive[0, [0, 4]] = False  # pruned in an earlier cycle
+    alive[2, [2, 5, 8]] = False
+    weight = weight * alive
+    group_keep = torch.tensor([[2, 2, 1], [1, 3, 2], [3, 2, 1]])
+    chosen = greedy_keep(weight, ReconstructionCurvature({"fc.weight": gram}), "fc.weight", alive, group_keep,
+                         groups=groups)
+    hessian = damped(gram)
+    for row in range(3):
+        assert torch.equal(chosen[row][groups].sum(-1), group_keep[row])
+        quota = {g: (groups[g].tolist(), int(group_keep[row, g])) for g in range(3)}
+        expected = brute_force_greedy(weight[row], hessian, alive[row], int(group_keep[row].sum()), quota)
+        assert set(chosen[row].nonzero().flatten().tolist()) == expected
+
+
+def test_blocks_under_a_pattern_keep_every_group_count():
+    weight, gram = layer_problem(5, 16, seed=9)
+    groups = torch.arange(16).view(4, 4)
+    alive = torch.ones(5, 16, dtype=torch.bool)
+    alive[:, ::4] = False  # one of each group pruned before: 3 alive per group
+    group_keep = torch.tensor([[2, 2, 2, 2], [1, 2, 3, 0], [3, 3, 3, 3], [0, 0, 0, 1], [2, 1, 2, 1]])
+    for max_steps in (1, 2, 64):
+        chosen = greedy_keep(weight * alive, ReconstructionCurvature({"fc.weight": gram}), "fc.weight", alive,
+                             group_keep, max_steps=max_steps, groups=groups)
+        assert torch.equal(chosen[:, groups].sum(-1), group_keep)
+        assert not bool((chosen & ~alive).any())
+
+
+def test_under_a_pattern_every_pruning_unit_is_rechosen_with_its_group_counts():
+    weight, gram = layer_problem(3, 8, seed=10)
+    groups = torch.arange(8).view(2, 4)
+    alive = torch.ones(3, 8, dtype=torch.bool)
+    pruned_now = torch.zeros(3, 8, dtype=torch.bool)
+    pruned_now[0, [0, 1, 4, 5]] = True  # 2:4, keeps half: re-chosen
+    pruned_now[1, [2, 7]] = True  # keeps 3 of 4 in each group: re-chosen too (no keep-fraction limit)
+    curvature = ReconstructionCurvature({"fc.weight": gram})
+    result = choose_within_units(weight, curvature, "fc.weight", alive, pruned_now, groups)
+    expected = greedy_keep(weight, curvature, "fc.weight", alive, torch.tensor([[2, 2], [3, 3], [4, 4]]),
+                           groups=groups)
+    assert torch.equal(result[:2], ~expected[:2])
+    assert not bool(result[2].any())
 
 
 def test_one_block_takes_the_largest_first_gains(monkeypatch):

@@ -194,6 +194,23 @@ def test_greedy_unit_selection_keeps_the_counts_and_reconstructs_better_than_sco
     assert _layer_output_error(layer, greedy_model, batches) < _layer_output_error(layer, scores_model, batches)
 
 
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+def test_greedy_unit_selection_under_a_pattern_holds_it_and_reconstructs_better_than_scores(pattern):
+    n, m = map(int, pattern.split(":"))
+    layer, batches = _correlated_linear()
+    runs = {}
+    for unit_selection in ("scores", "greedy"):
+        model = copy.deepcopy(layer)
+        result = prune(model, batches, pattern=pattern, unit_selection=unit_selection, loss_weighting="none",
+                       loss_fn=lambda outputs, targets: outputs.pow(2).mean())
+        pruned = (~result.masks["weight"]).view(6, -1, m).sum(-1)
+        assert (pruned == n).all()
+        runs[unit_selection] = (model, result.masks["weight"])
+    assert not torch.equal(runs["scores"][1], runs["greedy"][1])
+    errors = {name: _layer_output_error(layer, model, batches) for name, (model, _) in runs.items()}
+    assert errors["greedy"] < errors["scores"]
+
+
 def test_forward_selection_runs_in_the_last_cycle_only():
     # Constant schedule, two cycles: every weight goes in cycle 1, the last cycle prunes nothing, so forward
     # selection (last cycle only) never chooses and greedy prunes exactly as the scores do; in one cycle it differs.
@@ -208,6 +225,8 @@ def test_unit_selection_defaults_and_refusals():
     assert prune(tiny_cnn(), image_batches(), 0.5).config["unit_selection"] == "greedy"
     assert prune(tiny_cnn(), image_batches(), 0.5, criterion="magnitude").config["unit_selection"] == "scores"
     assert prune(tiny_cnn(), image_batches(), 0.5, merge="curvature").config["unit_selection"] == "scores"
+    assert prune(tiny_cnn(), image_batches(), pattern="2:4").config["unit_selection"] == "scores"  # opt-in there
+    assert prune(tiny_cnn(), image_batches(), pattern="2:4", unit_selection="greedy").config["unit_selection"] == "greedy"
     with pytest.raises(ConfigError, match="unit_selection='greedy'.*merge='least_squares'"):
         prune(tiny_cnn(), image_batches(), 0.5, merge="none", unit_selection="greedy")
     with pytest.raises(ConfigError, match="unknown unit_selection"):

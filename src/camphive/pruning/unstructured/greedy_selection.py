@@ -19,6 +19,11 @@ Blocks: a step adds up to ``block`` weights at once (the largest gains, then ort
 so a unit takes at most ``max_steps`` steps; ``block = 1`` is the exact greedy. The weights themselves
 are refit afterwards by the least-squares merge (:func:`~camphive.pruning.unstructured.merging.
 least_squares_merge`), whose solution on the chosen set is the ``v_S`` above.
+
+N:M patterns: with ``groups`` (the fan-in's groups of M, :mod:`~camphive.pruning.unstructured.patterns`)
+each unit keeps a given count in every group; a step then adds the largest gains among the entries of
+groups not yet full (at most the group's remaining count per group and block), so the choice is joint
+across the whole unit and the pattern holds exactly.
 """
 from __future__ import annotations
 
@@ -31,6 +36,8 @@ from camphive.pruning.unstructured.merging import leading_columns
 # and few kept weights is where choosing them jointly matters. Measured against 0.25 and 1 (every unit, every
 # cycle) on resnet20 at sparsity 0.9 / 0.95 / 0.98: docs/method.md, section 11.
 MAX_KEEP_FRACTION = 0.5
+# Under an N:M pattern (opt-in there) every unit of a patterned layer is re-chosen in the last cycle, whatever it
+# keeps (2:4 keeps 2 of the 3 weights a group has left after the first cycles); docs/method.md, section 4.
 UNIT_SELECTIONS = ("greedy", "scores")
 MAX_STEPS = 64  # steps per unit: blocks of ceil(m / 64) weights (exact greedy while m <= 64)
 MAX_BYTES = 2**28  # state of a batch of units (their rows of L^-1 H)
@@ -39,15 +46,26 @@ DTYPE = torch.float32  # the choice only: the refit that follows is solved in fl
 
 @torch.no_grad()
 def choose_within_units(matrix: torch.Tensor, curvature, name: str, alive: torch.Tensor,
-                        pruned_now: torch.Tensor) -> torch.Tensor:
+                        pruned_now: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
     """The weights to prune now, re-chosen by forward selection in every unit that keeps at most
     ``MAX_KEEP_FRACTION`` of its alive weights (same count per unit); other units as ``pruned_now`` has them.
 
-    All arguments ``(out_units, fan_in)``; ``alive``, ``pruned_now`` bool. Returns a new bool matrix.
+    All arguments ``(out_units, fan_in)``; ``alive``, ``pruned_now`` bool. With ``groups`` (``(G, M)`` columns,
+    an N:M layout), every unit pruning now is re-chosen with the same count in each group. Returns a new bool
+    matrix.
     """
     alive, pruned_now = alive.bool(), pruned_now.bool()
+    kept = alive & ~pruned_now
+    if groups is not None:
+        groups = groups.to(alive.device)
+        greedy = pruned_now.any(1)
+        if not bool(greedy.any()):
+            return pruned_now.clone()
+        group_keep = torch.where(greedy[:, None], kept[:, groups].sum(-1), alive[:, groups].sum(-1))
+        chosen = greedy_keep(matrix, curvature, name, alive, group_keep, groups=groups)
+        return torch.where(greedy[:, None], alive & ~chosen, pruned_now)
     counts = alive.sum(1)
-    keep = (alive & ~pruned_now).sum(1)
+    keep = kept.sum(1)
     greedy = pruned_now.any(1) & (keep <= MAX_KEEP_FRACTION * counts)
     if not bool(greedy.any()):
         return pruned_now.clone()
@@ -57,17 +75,25 @@ def choose_within_units(matrix: torch.Tensor, curvature, name: str, alive: torch
 
 @torch.no_grad()
 def greedy_keep(matrix: torch.Tensor, curvature, name: str, alive: torch.Tensor, keep: torch.Tensor,
-                max_steps: int = MAX_STEPS, max_bytes: int = MAX_BYTES) -> torch.Tensor:
+                max_steps: int = MAX_STEPS, max_bytes: int = MAX_BYTES, groups: torch.Tensor | None = None) -> torch.Tensor:
     """``(out_units, fan_in)`` bool: for each unit r, ``keep[r]`` of its ``alive`` weights chosen by forward
     selection on its curvature in ``curvature`` (a :class:`~camphive.pruning.core.unit_curvature.UnitCurvature`).
 
     ``matrix``: the layer's weights ``(out_units, fan_in)`` (the target each unit is refit to); ``keep``:
-    ``(out_units,)`` counts, at most the unit's alive weights. A unit keeping all or none of its alive
-    weights is returned as is (all or none).
+    ``(out_units,)`` counts, at most the unit's alive weights. With ``groups`` (``(G, M)`` column indices
+    covering the fan-in, an N:M layout), ``keep`` is ``(out_units, G)``: how many of each group's alive weights
+    the unit keeps. A unit keeping all or none of its alive weights is returned as is (all or none).
     """
     out_units, fan_in = matrix.shape
     alive = alive.bool()
     keep = keep.to(torch.long).cpu()
+    if groups is not None:
+        groups = groups.to(alive.device)
+        if keep.shape != (out_units, groups.shape[0]) or groups.numel() != fan_in:
+            raise ValueError("with groups, keep must be (out_units, groups) and the groups must cover the fan-in")
+        if bool((keep > alive[:, groups].sum(-1).cpu()).any()):
+            raise ValueError("keep must be at most each group's alive weights")
+    group_keep, keep = (keep, keep.sum(1)) if groups is not None else (None, keep)
     alive_counts = alive.sum(1).cpu()
     if bool((keep > alive_counts).any()) or bool((keep < 0).any()):
         raise ValueError("keep must be between 0 and each unit's alive weights")
@@ -80,9 +106,11 @@ def greedy_keep(matrix: torch.Tensor, curvature, name: str, alive: torch.Tensor,
     first = 0
     while first < units.numel():
         batch = _batch_size(units[first:], widths[first:], keep, max_steps, max_bytes)
-        rows = units[first : first + batch].to(matrix.device)
+        batch_units = units[first : first + batch]
+        rows = batch_units.to(matrix.device)
+        quota = None if group_keep is None else (groups, group_keep[batch_units].to(matrix.device))
         chosen[rows] = _forward_select(matrix[rows], curvature, name, out_units, rows, alive[rows],
-                                       keep[units[first : first + batch]].to(matrix.device), max_steps)
+                                       keep[batch_units].to(matrix.device), max_steps, quota)
         first += batch
     return chosen
 
@@ -102,8 +130,11 @@ def _block(keep: int, max_steps: int) -> int:
     return max(1, -(-keep // max_steps))
 
 
-def _forward_select(weights, curvature, name, out_units, rows, alive, keep, max_steps) -> torch.Tensor:
-    """Forward selection for a batch of units, on their alive columns only (padded to the widest)."""
+def _forward_select(weights, curvature, name, out_units, rows, alive, keep, max_steps, quota=None) -> torch.Tensor:
+    """Forward selection for a batch of units, on their alive columns only (padded to the widest).
+
+    ``quota``: None, or ``(groups, group_keep)`` of an N:M layout: each step then takes, per group, at most
+    what the group still has to keep."""
     batch, fan_in = weights.shape
     device = weights.device
     columns, valid = leading_columns(alive)  # alive columns first, padded to the widest unit
@@ -117,27 +148,51 @@ def _forward_select(weights, curvature, name, out_units, rows, alive, keep, max_
     basis = torch.zeros(batch, steps * block, width, dtype=DTYPE, device=device)
     taken = torch.zeros(batch, dtype=torch.long, device=device)
     picked = torch.zeros(batch, width, dtype=torch.bool, device=device)
+    if quota is not None:
+        groups, remaining = quota[0], quota[1].clone()
+        group_of = torch.empty(fan_in, dtype=torch.long, device=device)
+        group_of[groups.flatten()] = torch.arange(groups.shape[0], device=device).repeat_interleave(groups.shape[1])
+        column_group = group_of[columns]  # (batch, width)
     for step in range(steps):
         take = (keep - taken).clamp(0, block)
         gain = torch.where(schur > floor, residual**2 / schur.clamp_min(torch.finfo(DTYPE).tiny), 0.0)
-        positions = gain.masked_fill(~valid | picked, -1.0).topk(block, dim=1).indices  # (batch, block)
+        gain = gain.masked_fill(~valid | picked, -1.0)
+        if quota is not None:
+            gain = _within_quota(gain, columns, groups, remaining, fan_in)
+        positions = gain.topk(block, dim=1).indices  # (batch, block)
         slots = torch.arange(block, device=device)[None, :] < take[:, None]
+        # an entry the kept ones already explain (taken only to fill a group's count) adds nothing to the basis
+        spans = slots & (schur.gather(1, positions) > floor)
         new_rows = _schur_rows(curvature, name, out_units, rows, columns, positions, basis[:, : step * block])
-        new_rows = new_rows * slots[:, :, None]
+        new_rows = new_rows * spans[:, :, None]
         pivots = new_rows.gather(2, positions[:, None, :].expand(-1, block, -1))  # (batch, block, block)
-        pivots = pivots * (slots[:, :, None] & slots[:, None, :]) + torch.diag_embed((~slots).to(pivots.dtype))
+        pivots = pivots * (spans[:, :, None] & spans[:, None, :]) + torch.diag_embed((~spans).to(pivots.dtype))
         factor = _cholesky(pivots)
         orthogonal = torch.linalg.solve_triangular(factor, new_rows, upper=False)  # rows of L^-1 H for the block
-        along = torch.linalg.solve_triangular(factor, (residual.gather(1, positions) * slots).unsqueeze(-1),
+        along = torch.linalg.solve_triangular(factor, (residual.gather(1, positions) * spans).unsqueeze(-1),
                                               upper=False)
         schur -= (orthogonal**2).sum(1)
         residual -= (orthogonal * along).sum(1)
         basis[:, step * block : (step + 1) * block] = orthogonal
-        picked.scatter_(1, positions, slots)
+        picked |= torch.zeros_like(picked).scatter_(1, positions, slots)  # positions past the slots may be picked ones
+        if quota is not None:
+            remaining.scatter_add_(1, column_group.gather(1, positions), -slots.to(torch.long))
         taken += take
     chosen = torch.zeros(batch, fan_in, dtype=torch.bool, device=device)
     chosen.scatter_(1, columns, picked & valid)
     return chosen
+
+
+def _within_quota(gain, columns, groups, remaining, fan_in) -> torch.Tensor:
+    """``gain`` with -1 on every entry beyond its group's remaining count (the group's largest gains stay)."""
+    full = torch.full((gain.shape[0], fan_in), -1.0, dtype=gain.dtype, device=gain.device)
+    full.scatter_(1, columns, gain)
+    grouped = full[:, groups]  # (batch, G, M)
+    order = grouped.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(groups.shape[1], device=gain.device).expand_as(order))
+    grouped = grouped.masked_fill(rank >= remaining[:, :, None], -1.0)
+    full[:, groups.flatten()] = grouped.flatten(1)
+    return full.gather(1, columns)
 
 
 def _cholesky(pivots: torch.Tensor) -> torch.Tensor:

@@ -142,14 +142,16 @@ class UnstructuredRun(PruningMode):
         """The same count per unit, but which weights each unit keeps chosen jointly by forward selection on
         its curvature where it keeps few (:mod:`~camphive.pruning.unstructured.greedy_selection`)."""
         view = info.unit_curvature(self.settings.curvature)
+        layout = pattern_layout(self.model, self.params, self.settings.pattern) if self.settings.pattern else None
         chosen = {}
         for name, parameter in self.params.items():
             now = pruned_now[name]
             if not bool(now.any()):
                 chosen[name] = now
                 continue
+            groups = layout.columns[name] if layout is not None else None  # N:M: the same count in each group
             matrix = choose_within_units(unit_matrix(parameter.data), view, name, unit_matrix(self.alive[name]),
-                                         unit_matrix(now))
+                                         unit_matrix(now), groups)
             chosen[name] = matrix.reshape(now.shape)
         return chosen
 

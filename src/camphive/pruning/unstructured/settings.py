@@ -45,8 +45,9 @@ class UnstructuredSettings(PruneSettings):
     pruned in each output unit (:mod:`~camphive.pruning.unstructured.patterns`); ``sparsity`` is then N/M
     and may be omitted; layers the pattern does not fit stay dense; ``selection`` and ``min_keep`` do not apply.
     ``unit_selection``: which weights each output unit keeps once the selection has set how many: "greedy"
-    (CAMP-HiVe's default; jointly, by forward selection on the layer's Gram, in the last cycle, in the units that
-    keep at most half of their alive weights: :mod:`~camphive.pruning.unstructured.greedy_selection`) or "scores".
+    (CAMP-HiVe's default without a pattern; jointly, by forward selection on the layer's Gram, in the last cycle,
+    in the units that keep at most half of their alive weights, or under a pattern in every unit with each group's
+    count: :mod:`~camphive.pruning.unstructured.greedy_selection`) or "scores" (the default under a pattern).
     ``merge_solver``: how the least-squares merge is solved: "auto" (the default: a direct factorisation per
     unit where its system is at most 128 wide, conjugate gradients for wider ones), "direct" or "cg".
     """
@@ -85,7 +86,8 @@ class UnstructuredSettings(PruneSettings):
     unit_selection: str | None = field(default=None, metadata={
         "help": "Which weights each output unit keeps (how many is the selection's): greedy (chosen jointly by "
                 "forward selection on the layer's Gram, in the last cycle, where a unit keeps at most half of its "
-                "alive weights) or scores (its highest scores)", "default": "greedy for camp-hive, else scores", "panel": "CAMP-HiVe"})
+                "alive weights; under a pattern in every unit, with each group's count) or scores (its highest "
+                "scores)", "default": "greedy for camp-hive without a pattern, else scores", "panel": "CAMP-HiVe"})
     merge_solver: str | None = field(default=None, metadata={
         "help": "How the least-squares merge is solved: auto (direct per unit up to 128 wide, conjugate gradients "
                 "above), direct or cg", "default": "auto with merge least_squares", "panel": "CAMP-HiVe"})
@@ -140,15 +142,16 @@ class UnstructuredSettings(PruneSettings):
 
     def _resolve_unit_selection(self, camp_hive: bool) -> None:
         """Greedy forward selection refits by least squares on the reconstruction curvature, weight by weight."""
-        fits = (self.merge == "least_squares" and self.curvature == "reconstruction" and self.pattern is None
+        fits = (self.merge == "least_squares" and self.curvature == "reconstruction"
                 and not is_layer_solver(self.criterion))
-        if self.unit_selection is None:
-            self._set("unit_selection", DEFAULTS["unit_selection"] if camp_hive and fits else "scores")
+        if self.unit_selection is None:  # under a pattern forward selection is opt-in: no gain measured at 2:4, 4:8
+            default = camp_hive and fits and self.pattern is None
+            self._set("unit_selection", DEFAULTS["unit_selection"] if default else "scores")
         check_choice("unit_selection", self.unit_selection, UNIT_SELECTIONS)
         if self.unit_selection == "greedy" and not fits:
             raise ConfigError("unit_selection='greedy' chooses weights for a least-squares refit on the layer's Gram; "
-                              "it needs merge='least_squares', curvature='reconstruction', no pattern and no layer "
-                              "solver: set those or unit_selection='scores'")
+                              "it needs merge='least_squares', curvature='reconstruction' and no layer solver: set "
+                              "those or unit_selection='scores'")
 
     def _resolve_merge_solver(self) -> None:
         if self.merge_solver is not None and self.merge != "least_squares":
