@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from camphive.pruning.unstructured.merging import leading_columns
+from camphive.pruning.unstructured.patterns import ranks_in_groups
 
 # A unit is re-chosen greedily only where it keeps at most this fraction of its alive weights: there forward
 # selection costs at most about a^3 / 8 (a m^2 / 2 in general), under 40 % of the backward elimination's a^3 / 3,
@@ -56,20 +57,16 @@ def choose_within_units(matrix: torch.Tensor, curvature, name: str, alive: torch
     """
     alive, pruned_now = alive.bool(), pruned_now.bool()
     kept = alive & ~pruned_now
-    if groups is not None:
+    if groups is None:
+        greedy = pruned_now.any(1) & (kept.sum(1) <= MAX_KEEP_FRACTION * alive.sum(1))
+        keep = torch.where(greedy, kept.sum(1), alive.sum(1))
+    else:
         groups = groups.to(alive.device)
         greedy = pruned_now.any(1)
-        if not bool(greedy.any()):
-            return pruned_now.clone()
-        group_keep = torch.where(greedy[:, None], kept[:, groups].sum(-1), alive[:, groups].sum(-1))
-        chosen = greedy_keep(matrix, curvature, name, alive, group_keep, groups=groups)
-        return torch.where(greedy[:, None], alive & ~chosen, pruned_now)
-    counts = alive.sum(1)
-    keep = kept.sum(1)
-    greedy = pruned_now.any(1) & (keep <= MAX_KEEP_FRACTION * counts)
+        keep = torch.where(greedy[:, None], kept[:, groups].sum(-1), alive[:, groups].sum(-1))
     if not bool(greedy.any()):
         return pruned_now.clone()
-    chosen = greedy_keep(matrix, curvature, name, alive, torch.where(greedy, keep, counts))
+    chosen = greedy_keep(matrix, curvature, name, alive, keep, groups=groups)
     return torch.where(greedy[:, None], alive & ~chosen, pruned_now)
 
 
@@ -188,9 +185,7 @@ def _within_quota(gain, columns, groups, remaining, fan_in) -> torch.Tensor:
     full = torch.full((gain.shape[0], fan_in), -1.0, dtype=gain.dtype, device=gain.device)
     full.scatter_(1, columns, gain)
     grouped = full[:, groups]  # (batch, G, M)
-    order = grouped.argsort(dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(groups.shape[1], device=gain.device).expand_as(order))
-    grouped = grouped.masked_fill(rank >= remaining[:, :, None], -1.0)
+    grouped = grouped.masked_fill(ranks_in_groups(grouped, descending=True) >= remaining[:, :, None], -1.0)
     full[:, groups.flatten()] = grouped.flatten(1)
     return full.gather(1, columns)
 

@@ -173,12 +173,18 @@ def _select_in_groups(score: torch.Tensor, live: torch.Tensor, columns: torch.Te
     big = torch.finfo(torch.float64).max
     grouped = score.detach().to(device=live.device, dtype=torch.float64)[:, columns].nan_to_num(big, big, -big)
     grouped = grouped.masked_fill(~grouped_live, math.inf)  # dead entries sort last
-    order = torch.sort(grouped, dim=-1, stable=True).indices
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(columns.shape[1], device=live.device).expand_as(order))
+    rank = ranks_in_groups(grouped)
     wanted = (count - (~grouped_live).sum(-1, keepdim=True)).clamp_min(0)
     picked = torch.zeros_like(live)
     picked[:, columns] = grouped_live & (rank < wanted)
     return picked
+
+
+def ranks_in_groups(grouped: torch.Tensor, descending: bool = False) -> torch.Tensor:
+    """Each entry's place (0 first) in the order of its group, the last dimension; ties by position."""
+    order = torch.sort(grouped, dim=-1, descending=descending, stable=True).indices
+    places = torch.arange(grouped.shape[-1], device=grouped.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, places)
 
 
 def pruned_per_group(mask: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:

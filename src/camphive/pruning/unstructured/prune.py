@@ -97,6 +97,8 @@ class UnstructuredRun(PruningMode):
             check_masks(model, masks)
         self.alive = {name: (masks[name].clone().bool() if masks and name in masks else torch.ones_like(p, dtype=torch.bool))
                       for name, p in self.params.items()}
+        # N:M: the groups of every patterned layer, fixed for the run
+        self.layout = pattern_layout(model, self.params, settings.pattern) if settings.pattern is not None else None
         # before any cycle, not half-way through
         check_target_reachable(self.alive, settings.sparsity, settings.selection, settings.min_keep)
 
@@ -133,23 +135,21 @@ class UnstructuredRun(PruningMode):
     def select(self, scores: dict[str, torch.Tensor], target: float) -> dict[str, torch.Tensor]:
         """``{name: bool}``: the alive weights to prune in this cycle, lowest scores first."""
         settings = self.settings
-        if settings.pattern is not None:  # N:M: per group of each unit, the cycle's share of N (no floors)
-            layout = pattern_layout(self.model, self.params, settings.pattern)
-            return select_pattern(scores, self.alive, layout, target / settings.sparsity)
+        if self.layout is not None:  # N:M: per group of each unit, the cycle's share of N (no floors)
+            return select_pattern(scores, self.alive, self.layout, target / settings.sparsity)
         return select_to_prune(scores, self.alive, target, settings.selection, settings.min_keep)
 
     def choose_within_units(self, pruned_now: dict[str, torch.Tensor], info) -> dict[str, torch.Tensor]:
         """The same count per unit, but which weights each unit keeps chosen jointly by forward selection on
         its curvature where it keeps few (:mod:`~camphive.pruning.unstructured.greedy_selection`)."""
         view = info.unit_curvature(self.settings.curvature)
-        layout = pattern_layout(self.model, self.params, self.settings.pattern) if self.settings.pattern else None
         chosen = {}
         for name, parameter in self.params.items():
             now = pruned_now[name]
             if not bool(now.any()):
                 chosen[name] = now
                 continue
-            groups = layout.columns[name] if layout is not None else None  # N:M: the same count in each group
+            groups = self.layout.columns[name] if self.layout is not None else None  # N:M: the same count per group
             matrix = choose_within_units(unit_matrix(parameter.data), view, name, unit_matrix(self.alive[name]),
                                          unit_matrix(now), groups)
             chosen[name] = matrix.reshape(now.shape)
