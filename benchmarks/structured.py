@@ -15,7 +15,8 @@ Sections (``--sections``):
 * ``speed``: resnet56 at CIFAR size (3x32x32, untrained: MACs and latency only) at each
   ratio, with exact channel counts, rounded uniformly to multiples of 8 and of the default's
   multiple (16 on AVX-512 CPUs), and as the default rounds (that multiple, latency-aware), with
-  and without BatchNorm folding.
+  and without BatchNorm folding; ``--latency-reach N`` and ``--latency-runtime onnxruntime`` add
+  the latency-aware shapes searched with that reach, or with the layers timed in onnxruntime.
 
 Every criterion runs through the same entry (``prune_structured``), with the same
 calibration images, allocation (uniform per group), target and fine-tune; only scores
@@ -238,16 +239,18 @@ def latency_table(name: str, dense, shapes: dict, ratios, calibration, args, not
     for label, model in shapes.items():
         candidates[label] = model
     multiples = sorted({8, cpu_vector_floats()})  # the rounding levers: multiples of 8 and the default's
-    levers = [(multiple, False, 0) for multiple in multiples] + [(cpu_vector_floats(), True, 0)]
+    levers = [(multiple, False, 0, "torch") for multiple in multiples] + [(cpu_vector_floats(), True, 0, "torch")]
     if args.latency_reach:
-        levers.append((cpu_vector_floats(), True, args.latency_reach))
-    for ratio, (multiple, aware, reach) in itertools.product(ratios if add_rounded else (), levers):  # same target
-        rounded = copy.deepcopy(dense)
+        levers.append((cpu_vector_floats(), True, args.latency_reach, "torch"))
+    if args.latency_runtime != "torch":
+        levers.append((cpu_vector_floats(), True, 0, args.latency_runtime))
+    for ratio, (multiple, aware, reach, runtime) in itertools.product(ratios if add_rounded else (), levers):
+        rounded = copy.deepcopy(dense)  # every lever at the same target
         prune_structured(rounded, calibration, target_macs_ratio=ratio, criterion="magnitude", round_to=multiple,
                          round_min_group=16, measure_latency=False, latency_aware=aware,
-                         latency_threads=args.threads, latency_reach=reach)
-        how = (f", latency-aware, latency_reach {reach}" if reach else ", latency-aware (the default here)" if aware
-               else ", uniform")
+                         latency_threads=args.threads, latency_reach=reach, latency_runtime=runtime)
+        how = (f", latency-aware, latency_reach {reach}" if reach else f", latency-aware, layers timed in {runtime}"
+               if runtime != "torch" else ", latency-aware (the default here)" if aware else ", uniform")
         candidates[f"{ratio:g}x, round_to {multiple}{how}"] = rounded
     unfolded = dict(candidates)
     folded = {f"{label}, BN folded": fold_batchnorm(model) for label, model in candidates.items()}
@@ -358,6 +361,9 @@ def main(argv=None) -> None:
     parser.add_argument("--latency-reach", type=int, default=0,
                         help="criteria: prune's latency_reach (0, the default: one multiple either side); latency: "
                              "also time the latency-aware shapes with this reach")
+    parser.add_argument("--latency-runtime", default="torch", choices=("torch", "onnxruntime"),
+                        help="latency: also time the latency-aware shapes whose search timed the layers in this "
+                             "runtime (prune's latency_runtime)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-write", dest="write", action="store_false", help="print only, leave RESULTS.md alone")

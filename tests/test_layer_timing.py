@@ -111,3 +111,30 @@ def test_the_child_gets_this_process_threads_and_layout_and_its_answer_fills_the
     reloaded = LayerTimer(model, (torch.randn(1, 3, 16, 16),), batch_size=8)
     reloaded.load_timings(json.loads(json.dumps(timer.timings())))  # through JSON, as a resume state is stored
     assert reloaded.seconds("conv", 3, 16) == pytest.approx(1e-3)
+
+
+def test_onnxruntime_times_exported_layers_and_counts_a_batchnorm_as_folded(monkeypatch):
+    model = Mixed().eval()
+    exported = []
+    original_export = torch.onnx.export
+
+    def recording_export(layer, args, *rest, **kwargs):
+        exported.append(type(layer).__name__)
+        return original_export(layer, args, *rest, **kwargs)
+    monkeypatch.setattr(torch.onnx, "export", recording_export)
+    timer = LayerTimer(model, (torch.randn(1, 3, 16, 16),), batch_size=4, seconds=0.01, min_repeats=2,
+                       runtime="onnxruntime", isolate=False)
+    timer.measure([("conv", 3, 16), ("conv", 3, 8), ("bn", 16, 16), ("fc", 512, 10)])
+    assert exported == ["Conv2d", "Conv2d", "Linear"]  # the norm is not exported: onnxruntime folds it
+    assert timer.seconds("conv", 3, 16) > 0 and timer.seconds("fc", 512, 10) > 0
+    assert timer.seconds("bn", 16, 16) == 0.0
+    stored = json.loads(json.dumps(timer.timings()))
+    assert stored["runtime"] == "onnxruntime"
+    in_torch = LayerTimer(model, (torch.randn(1, 3, 16, 16),), batch_size=4, isolate=False)
+    in_torch.load_timings(stored)  # timed in another runtime: not taken over
+    assert not in_torch.table
+    again = LayerTimer(model, (torch.randn(1, 3, 16, 16),), batch_size=4, runtime="onnxruntime", isolate=False)
+    again.load_timings(stored)
+    assert again.seconds("conv", 3, 16) == timer.seconds("conv", 3, 16)
+    with pytest.raises(ValueError, match="runtime must be one of torch, onnxruntime"):
+        LayerTimer(model, (torch.randn(1, 3, 16, 16),), runtime="tvm")

@@ -17,9 +17,16 @@ depend on the allocator's history: four timings of the same resnet20 layer shape
 process varied by up to 28-29 % (2.5-3.2 % median), in the child by up to 5.5-11 % (1.5-1.8 %), and
 the sums of the child's timings ranked 20 channel mixes in the order of their whole-model latency
 with Spearman 0.81 (resnet20), 0.84 (resnet56) and 0.92 (MobileNetV2) (benchmarks/layer_timing.py).
+
+``runtime="onnxruntime"`` times each conv and linear layer as a one-layer ONNX model (the exporter
+of :func:`camphive.export_onnx`) in an onnxruntime session instead, for models that will run
+there: its kernels (MLAS) pad and block channels differently from PyTorch's. A BatchNorm layer
+then costs nothing: onnxruntime folds it into the convolution before it, as it does in an
+exported model.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -27,6 +34,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -41,6 +49,7 @@ from camphive.modules import eval_mode, inputs_on_model_device
 log = logging.getLogger("camphive.measure")
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORMS = {"BatchNorm1d": nn.BatchNorm1d, "BatchNorm2d": nn.BatchNorm2d, "BatchNorm3d": nn.BatchNorm3d}
+RUNTIMES = ("torch", "onnxruntime")  # where LayerTimer times layers
 
 
 @dataclass(frozen=True)
@@ -100,13 +109,18 @@ def build_layer(recipe: tuple, generator: torch.Generator) -> tuple[nn.Module, t
 
 
 def time_recipes(recipes: list[tuple], *, threads: int | None, channels_last: bool, seconds: float,
-                 min_repeats: int, device: str = "cpu") -> list[float]:
-    """Seconds per sample of each recipe's layer: interleaved medians, in this process."""
+                 min_repeats: int, device: str = "cpu", runtime: str = "torch") -> list[float]:
+    """Seconds per sample of each recipe's layer: interleaved medians, in this process (in
+    onnxruntime sessions with ``runtime="onnxruntime"``, where a norm costs 0: it is folded)."""
     generator = torch.Generator().manual_seed(0)
     device = torch.device(device)
     runners = {}
     for index, recipe in enumerate(recipes):
         layer, batch = build_layer(recipe, generator)
+        if runtime == "onnxruntime":
+            if recipe[0] != "norm":
+                runners[index] = _onnx_runner(layer, batch, threads)
+            continue
         layer, batch = layer.to(device), batch.to(device)
         if channels_last and batch.dim() == 4:
             layer, batch = layer.to(memory_format=torch.channels_last), batch.contiguous(
@@ -118,8 +132,10 @@ def time_recipes(recipes: list[tuple], *, threads: int | None, channels_last: bo
         stack.callback(torch.set_num_threads, previous_threads)
         if threads is not None:
             torch.set_num_threads(threads)
-        results, _ = time_interleaved(runners, lambda _: None, (1,), None, 1, seconds, min_repeats, 200)
-    return [result.median_ms / 1e3 / recipe[1] for recipe, result in zip(recipes, results)]
+        results, _ = time_interleaved(runners, lambda _: None, (1,), None, 1, seconds, min_repeats, 200) if runners \
+            else ([], None)
+    medians = {index: result.median_ms / 1e3 for index, result in zip(runners, results)}
+    return [medians.get(index, 0.0) / recipe[1] for index, recipe in enumerate(recipes)]
 
 
 def _runner(layer: nn.Module, batch: torch.Tensor, device: torch.device):
@@ -129,6 +145,25 @@ def _runner(layer: nn.Module, batch: torch.Tensor, device: torch.device):
         layer(batch)
         if synchronize:
             torch.cuda.synchronize(device)
+    return run
+
+
+def _onnx_runner(layer: nn.Module, batch: torch.Tensor, threads: int | None):
+    """A runner of ``layer`` exported alone to ONNX, in an onnxruntime session on the CPU."""
+    import onnxruntime
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notes, once per layer
+        torch.onnx.export(layer, (batch,), buffer, dynamo=False, opset_version=17, input_names=["x"],
+                          output_names=["y"], do_constant_folding=True)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = int(threads or torch.get_num_threads()), 1
+    session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    feed = {"x": batch.numpy()}
+
+    def run(_unused) -> None:
+        session.run(None, feed)
     return run
 
 
@@ -156,15 +191,21 @@ class LayerTimer:
     ``batch_size``: the batch the timings stand for, lowered for a layer whose call would
     exceed ``max_macs_per_call`` or move more than ``max_bytes_per_call`` of inputs and outputs
     (an ImageNet stem at batch 64 takes seconds; its per-sample time at batch 2 is much the same). ``threads``: torch's threads while timing (None: as now).
-    ``channels_last``: 4-D layers and inputs in the NHWC layout. ``seconds``: about how long
+    ``channels_last``: 4-D layers and inputs in the NHWC layout. ``runtime``: "torch" (PyTorch on
+    the model's device) or "onnxruntime" (CPU sessions of one-layer exports; see the module
+    docstring). ``seconds``: about how long
     one :meth:`measure` takes, at least ``min_repeats`` interleaved rounds of every new shape.
     ``isolate`` (default: on the CPU) times in a child process (see the module docstring).
     """
 
     def __init__(self, model: nn.Module, example: tuple, *, batch_size: int = 64, threads: int | None = None,
                  channels_last: bool = False, seconds: float = 1.0, max_macs_per_call: float = 4e8,
-                 max_bytes_per_call: float = 64e6, min_repeats: int = 5, isolate: bool | None = None):
+                 max_bytes_per_call: float = 64e6, min_repeats: int = 5, isolate: bool | None = None,
+                 runtime: str = "torch"):
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
         self.batch_size, self.threads, self.channels_last = int(batch_size), threads, channels_last
+        self.runtime = runtime
         self.seconds_budget, self.min_repeats = seconds, min_repeats
         self.max_macs_per_call, self.max_bytes_per_call = max_macs_per_call, max_bytes_per_call
         self.device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -199,7 +240,8 @@ class LayerTimer:
         started = time.perf_counter()
         recipes = list(new)
         options = {"threads": self.threads or torch.get_num_threads(),  # a child starts with torch's default
-                   "channels_last": self.channels_last, "seconds": self.seconds_budget, "min_repeats": self.min_repeats}
+                   "channels_last": self.channels_last, "seconds": self.seconds_budget, "min_repeats": self.min_repeats,
+                   "runtime": self.runtime}
         seconds = _time_in_child(recipes, options) if self.isolate else None
         if seconds is None:
             seconds = time_recipes(recipes, device=str(self.device), **options)
@@ -214,10 +256,13 @@ class LayerTimer:
     def timings(self) -> dict:
         """The table as plain lists and numbers (JSON), for :meth:`load_timings` in a later run."""
         return {"table": [[list(recipe), seconds] for recipe, seconds in self.table.items()],
-                "rate": list(self._timed_rate)}
+                "rate": list(self._timed_rate), "runtime": self.runtime}
 
     def load_timings(self, timings: dict) -> None:
-        """Take over the shapes timed by an earlier run (:meth:`timings`): they are not timed again."""
+        """Take over the shapes timed by an earlier run (:meth:`timings`): they are not timed again
+        (unless that run timed them in another runtime)."""
+        if timings.get("runtime", "torch") != self.runtime:
+            return
         for recipe, seconds in timings.get("table", []):
             self.table[_frozen(recipe)] = float(seconds)
         self._timed_rate = [float(value) for value in timings.get("rate", self._timed_rate)]

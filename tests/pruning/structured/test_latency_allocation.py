@@ -170,6 +170,28 @@ def test_latency_reach_widens_the_choices_the_prune_searches(monkeypatch):
     assert sum(counts[1].values()) > sum(counts[0].values())
 
 
+def test_latency_runtime_reaches_the_layer_timer_and_unknown_runtimes_are_refused(monkeypatch):
+    import camphive.pruning.structured.prune as structured_prune
+    from camphive.errors import ConfigError
+    from camphive.pruning.structured.settings import StructuredSettings
+
+    runtimes = []
+
+    class Recording(structured_prune.LayerTimer):
+        def __init__(self, *args, **kwargs):
+            runtimes.append(kwargs.get("runtime"))
+            super().__init__(*args, **{**kwargs, "runtime": "torch"})  # timed in PyTorch: only the hand-over is tested
+
+    monkeypatch.setattr(structured_prune, "LayerTimer", Recording)
+    data = [(torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,)))]
+    result = prune_structured(_three_stage_cnn(), data, target_macs_ratio=2.0, criterion="magnitude",
+                              measure_latency=False, round_to=16, latency_runtime="onnxruntime", latency_seconds=0.05,
+                              latency_batch_sizes=(4,))
+    assert runtimes == ["onnxruntime"] and result.config["latency_runtime"] == "onnxruntime"
+    with pytest.raises(ConfigError, match="unknown latency_runtime 'tvm'; use one of torch, onnxruntime"):
+        StructuredSettings(target_macs_ratio=2.0, latency_runtime="tvm")
+
+
 def test_latency_reach_must_not_be_negative():
     from camphive.errors import ConfigError
     from camphive.pruning.structured.settings import StructuredSettings

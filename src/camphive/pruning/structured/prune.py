@@ -230,7 +230,8 @@ class StructuredRun(PruningMode):
         if self.timer is None:
             self.timer = LayerTimer(self.model, self.example, batch_size=max(settings.latency_batch_sizes),
                                     threads=settings.latency_threads, seconds=settings.latency_seconds,
-                                    channels_last=settings.latency_channels_last and self.example[0].dim() == 4)
+                                    channels_last=settings.latency_channels_last and self.example[0].dim() == 4,
+                                    runtime=settings.latency_runtime)
             self.timer.load_timings(self.timings)
         choices = rounding_choices(groups, self.original_sizes, fraction, kept, settings.rounding(),
                                    settings.min_channels, reach=settings.latency_reach)

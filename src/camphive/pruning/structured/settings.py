@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from camphive.devices import cpu_vector_floats
 from camphive.errors import ConfigError
+from camphive.measure.layer_timing import RUNTIMES
 from camphive.pruning.core.settings import PruneSettings, check_choice
 from camphive.pruning.criteria import Criterion, canonical_name, is_camp_hive, is_layer_solver, make_criterion
 from camphive.pruning.criteria.camp_hive import CHANNEL_SCORES
@@ -39,7 +40,9 @@ class StructuredSettings(PruneSettings):
     (:mod:`~camphive.pruning.structured.latency_allocation`); the shapes then depend on the
     machine and on timing noise (``latency_aware=False``: the same shapes everywhere);
     ``latency_reach=n`` lets each group go ``n`` multiples further either way (opt-in: faster shapes,
-    measured to cost accuracy before fine-tuning). Every group keeps
+    measured to cost accuracy before fine-tuning); ``latency_runtime="onnxruntime"`` times the
+    layers in onnxruntime instead of PyTorch, for models that will run exported (the timing before
+    and after pruning stays in PyTorch). Every group keeps
     at least ``min_channels`` (a count, or a fraction if < 1). ``channel_score``
     (CAMP-HiVe): "greedy_obs", "obs" or "summed". ``merge``: "least_squares" (``intercept``
     adds a constant to the fit), "pair" (``pairing`` coupled|cyclic, ``beta_from``
@@ -69,6 +72,9 @@ class StructuredSettings(PruneSettings):
     latency_reach: int = field(default=0, metadata={
         "help": "Latency-aware rounding: multiples each group may move beyond the two around its uniform count "
                 "(faster shapes, less accuracy before fine-tuning)", "min": 0, "panel": "Structured"})
+    latency_runtime: str = field(default="torch", metadata={
+        "help": "Latency-aware rounding: time the layers in torch (PyTorch) or onnxruntime (for exported models)",
+        "panel": "Structured"})
     min_channels: int | float = field(default=1, metadata={
         "help": "Channels every layer keeps: a count, or a fraction if < 1", "panel": "Structured"})
     channel_score: str | None = field(default=None, metadata={
@@ -117,6 +123,7 @@ class StructuredSettings(PruneSettings):
         if self.latency_reach < 0:
             raise ConfigError(f"latency_reach must be a number of multiples >= 0 (0: just below or above the uniform "
                               f"count), got {self.latency_reach}")
+        check_choice("latency_runtime", self.latency_runtime, RUNTIMES)
         if not self.min_channels > 0:
             raise ConfigError(f"min_channels must be > 0 (a count, or a fraction below 1), got {self.min_channels}")
         camp_hive = is_camp_hive(self.criterion)
