@@ -138,3 +138,15 @@ def test_onnxruntime_times_exported_layers_and_counts_a_batchnorm_as_folded(monk
     assert again.seconds("conv", 3, 16) == timer.seconds("conv", 3, 16)
     with pytest.raises(ValueError, match="runtime must be one of torch, onnxruntime"):
         LayerTimer(model, (torch.randn(1, 3, 16, 16),), runtime="tvm")
+
+
+def test_a_layer_onnxruntime_cannot_run_is_timed_in_pytorch_with_a_warning(monkeypatch, caplog):
+    def failing(layer, batch, threads):
+        raise RuntimeError("Exporting the operator 'aten::circular_pad' is not supported")
+    monkeypatch.setattr(layer_timing, "_onnx_runner", failing)
+    timer = LayerTimer(Mixed().eval(), (torch.randn(1, 3, 16, 16),), batch_size=4, seconds=0.01, min_repeats=2,
+                       runtime="onnxruntime", isolate=False)
+    with caplog.at_level("WARNING", logger="camphive.measure"):
+        timer.measure([("conv", 3, 16), ("bn", 16, 16)])
+    assert timer.seconds("conv", 3, 16) > 0 and timer.seconds("bn", 16, 16) == 0.0
+    assert "cannot run in onnxruntime" in caplog.text and "circular_pad" in caplog.text

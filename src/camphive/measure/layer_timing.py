@@ -21,8 +21,9 @@ with Spearman 0.81 (resnet20), 0.84 (resnet56) and 0.92 (MobileNetV2) (benchmark
 ``runtime="onnxruntime"`` times each conv and linear layer as a one-layer ONNX model (the exporter
 of :func:`camphive.export_onnx`) in an onnxruntime session instead, for models that will run
 there: its kernels (MLAS) pad and block channels differently from PyTorch's. A BatchNorm layer
-then costs nothing: onnxruntime folds it into the convolution before it, as it does in an
-exported model.
+then costs nothing: the export folds it into the convolution before it (one that follows no
+convolution, rare in CNNs, is priced at nothing too). A layer that cannot be exported is timed
+in PyTorch, with a warning.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from camphive.errors import one_line
 from camphive.measure.latency import time_interleaved
 from camphive.measure.macs import count_macs
 from camphive.modules import eval_mode, inputs_on_model_device
@@ -117,10 +119,15 @@ def time_recipes(recipes: list[tuple], *, threads: int | None, channels_last: bo
     runners = {}
     for index, recipe in enumerate(recipes):
         layer, batch = build_layer(recipe, generator)
-        if runtime == "onnxruntime":
-            if recipe[0] != "norm":
-                runners[index] = _onnx_runner(layer, batch, threads)
+        if runtime == "onnxruntime" and recipe[0] == "norm":
             continue
+        if runtime == "onnxruntime":
+            try:
+                runners[index] = _onnx_runner(layer, batch, threads)
+                continue
+            except Exception as error:  # noqa: BLE001 - the exporter and onnxruntime raise many types
+                log.warning("layer %s cannot run in onnxruntime (%s); timing it in PyTorch", recipe[:5],
+                            one_line(str(error))[:120])
         layer, batch = layer.to(device), batch.to(device)
         if channels_last and batch.dim() == 4:
             layer, batch = layer.to(memory_format=torch.channels_last), batch.contiguous(
