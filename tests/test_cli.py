@@ -244,3 +244,7 @@ def test_structured_summary_says_when_the_macs_target_was_missed_and_the_default
     summary = structured_summary({"macs_ratio": 2.0, "config": {"round_to": 16},
                                   "latency_allocation": {**allocation, "changed_groups": 0}})
     assert summary["latency-aware rounding"] == "the uniform rounding was the fastest (40 layer shapes timed in 2.0 s)"
+    summary = structured_summary({"macs_ratio": 2.0, "config": {"round_to": 16},
+                                  "latency_allocation": {**allocation, "changed_groups": 0, "runtime": "onnxruntime"}})
+    assert summary["latency-aware rounding"] == ("the uniform rounding was the fastest (40 layer shapes timed in "
+                                                 "onnxruntime, in 2.0 s)")

@@ -117,7 +117,9 @@ def latency_rounding_summary(allocation: dict) -> str:
     """One line on what the latency-aware rounding did (--no-latency-aware turns it off)."""
     if allocation.get("kept_uniform_because"):
         return f"not used: {allocation['kept_uniform_because']}"
-    timed = f"{allocation['timed_shapes']} layer shapes timed in {allocation['timing_seconds']:.1f} s"
+    runtime = allocation.get("runtime", "torch")
+    where = f" in {runtime}," if runtime != "torch" else ""
+    timed = f"{allocation['timed_shapes']} layer shapes timed{where} in {allocation['timing_seconds']:.1f} s"
     if not allocation.get("changed_groups"):
         return f"the uniform rounding was the fastest ({timed})"
     return (f"{allocation['changed_groups']} groups rounded the other way, predicted "

@@ -141,6 +141,7 @@ def test_latency_aware_prune_times_layers_and_reaches_the_target():
     allocation = result.extra["latency_allocation"]
     assert result.extra["target_reached"] and result.extra["macs_ratio"] >= 2.0
     assert allocation["timed_shapes"] > 0 and allocation["kept_uniform_because"] is None
+    assert allocation["runtime"] == "torch"
     assert allocation["predicted_speedup_over_uniform"] >= 1.0
     assert result.config["latency_aware"] is True
     assert model(torch.randn(2, 1, 16, 16)).shape == (2, 10)

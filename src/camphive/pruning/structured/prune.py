@@ -237,7 +237,7 @@ class StructuredRun(PruningMode):
                                    settings.min_channels, reach=settings.latency_reach)
         allocation = latency_aware_kept(kept, choices, macs_model, target_macs, self.timer)
         self.timings = self.timer.timings()
-        self.allocation = allocation.describe()
+        self.allocation = {**allocation.describe(), "runtime": self.timer.runtime}
         return allocation.kept
 
     def after_cycle(self, outcome: CycleOutcome) -> dict:
