@@ -61,6 +61,11 @@ def test_compare_writes_results_tables_and_a_self_contained_report(tiny_run):
     assert page.count('src="data:image/png;base64,') == 3  # accuracy, per-layer sparsity, eigenvalue convergence
     assert "http://" not in page and "https://" not in page
     assert results["spectrum"]["global"]["eigenvalues"] and results["spectrum"]["num_matvecs"] > 0
+    # The compressed file of each fine-tuned model, beside its accuracy: below the dense checkpoint, smaller when sparser.
+    sizes = {(row["target"], row["criterion"]): row["file_bytes"] for row in rows}
+    assert all(size < dense["file_bytes"] for size in sizes.values())
+    assert sizes[(0.9, "camp-hive")] < sizes[(0.8, "camp-hive")] and sizes[(0.9, "magnitude")] < sizes[(0.8, "magnitude")]
+    assert "| file MB |" in (out / "report.md").read_text()
 
 
 def test_every_criterion_starts_from_the_same_dense_model_and_calibration_data(tiny_run):
@@ -123,6 +128,7 @@ def test_compare_from_a_checkpoint_in_structured_mode(tmp_path):
         assert row["latency"]["channels_last"] is True and row["latency"]["compiled"] is False
         timing = row["latency"]["batch_1"]  # compare_latency's layout, as prune's result.extra["latency"]
         assert (timing["before_ms"], timing["after_ms"]) == (row["latency_before_ms"], row["latency_after_ms"])
+        assert row["file_bytes"] < results["dense"]["file_bytes"]  # the smaller checkpoint of the narrower model
     assert results["headline"].startswith("At MACs reduction 2x, right after pruning: CAMP-HiVe ")
     page = (tmp_path / "run" / "report.html").read_text()
     assert "speedup" in page and "after fine-tuning" not in page.split("<table>")[1]

@@ -13,7 +13,7 @@ from torch import nn
 from camphive import load_sparse, models, save_sparse
 from camphive.checkpoints import load_checkpoint, save_checkpoint
 from camphive.errors import CheckpointError, ConfigError
-from camphive.sparse_format import FORMAT, dense_checkpoint_bytes, read_sparse
+from camphive.sparse_format import FORMAT, dense_checkpoint_bytes, read_sparse, sparse_file_bytes
 
 
 @pytest.fixture(autouse=True)
@@ -158,6 +158,8 @@ def test_file_is_never_larger_than_the_dense_checkpoint(tmp_path, case):
         written = save_sparse(model, tmp_path / f"{dtype}.safetensors", masks=masks, dtype=dtype, metadata=metadata)
         assert written.dense_bytes == dense.stat().st_size == dense_checkpoint_bytes(model, metadata)
         assert written.file_bytes == written.path.stat().st_size <= written.dense_bytes, (dtype, written)
+        plain = save_sparse(model, tmp_path / f"{dtype}-plain.safetensors", masks=masks, dtype=dtype)
+        assert sparse_file_bytes(model, masks=masks, dtype=dtype) == plain.file_bytes  # the size, nothing written
     if case == "95 %":  # the goals: 1/8 of the dense file with float32 values, 1/12 with float16
         assert save_sparse(model, tmp_path / "a", masks=masks).ratio <= 1 / 8
         assert save_sparse(model, tmp_path / "b", masks=masks, dtype="float16").ratio <= 1 / 12

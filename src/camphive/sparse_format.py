@@ -84,6 +84,20 @@ def save_sparse(model: nn.Module, path: str | Path, *, masks: dict[str, torch.Te
     ``"bfloat16"`` halves the weights (other tensors stay as they are). Under torchrun only
     rank 0 writes.
     """
+    data, sparse = _encode(model, masks, dtype, metadata)
+    written = atomic_write_bytes(path, data)
+    return SparseFile(path=written, file_bytes=len(data), dense_bytes=dense_checkpoint_bytes(model, metadata),
+                      values_dtype=dtype, sparse_tensors=sparse)
+
+
+def sparse_file_bytes(model: nn.Module, *, masks: dict[str, torch.Tensor] | None = None,
+                      dtype: str = "float32") -> int:
+    """Size in bytes of the file :func:`save_sparse` would write for ``model`` (nothing is written)."""
+    return len(_encode(model, masks, dtype, None)[0])
+
+
+def _encode(model: nn.Module, masks: dict | None, dtype: str, metadata: dict | None) -> tuple[bytes, int]:
+    """The sparse file's bytes, and how many weights it stores as bitmask + values."""
     if dtype not in VALUES_DTYPES:
         raise ConfigError(f"values dtype {dtype!r} is not supported; choose one of {', '.join(VALUES_DTYPES)}")
     metadata = dict(metadata or {})
@@ -112,10 +126,7 @@ def save_sparse(model: nn.Module, path: str | Path, *, masks: dict[str, torch.Te
     if arch is not None:
         header["arch"] = arch
     data = save_safetensors(tensors, metadata={FORMAT: _compact_json({**header, **metadata})})
-    written = atomic_write_bytes(path, data)
-    sparse = sum(1 for record in records.values() if record["encoding"] == "bitmask")
-    return SparseFile(path=written, file_bytes=len(data), dense_bytes=dense_checkpoint_bytes(model, metadata),
-                      values_dtype=dtype, sparse_tensors=sparse)
+    return data, sum(1 for record in records.values() if record["encoding"] == "bitmask")
 
 
 def dense_checkpoint_bytes(model: nn.Module, metadata: dict | None = None) -> int:

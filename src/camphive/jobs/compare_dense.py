@@ -102,9 +102,11 @@ def dense_accuracy(model: nn.Module, test_loader, calib, recalibrate_bn: bool, d
 
 def dense_size(model, calib) -> dict:
     from camphive.measure import model_summary
+    from camphive.sparse_format import dense_checkpoint_bytes
 
     summary = model_summary(model, calib[0][0][:1].to(next(model.parameters()).device))
-    return {"parameters": summary["parameters"], "macs": summary["macs"], "macs_conv_linear": summary["macs_conv_linear"]}
+    return {"parameters": summary["parameters"], "macs": summary["macs"], "macs_conv_linear": summary["macs_conv_linear"],
+            "file_bytes": dense_checkpoint_bytes(model)}
 
 
 def dense_spectrum(run: RunFolder, model, calib, top_k: int, max_iter: int, seed: int, log) -> dict | None:

@@ -125,6 +125,7 @@ def _display_rows(rows, dense, kind, spectrum) -> list[dict]:
     does, when it has BatchNorm), then each target's criteria, accuracies in percent."""
     # The dense model's accuracy sits in both accuracy columns, as the reference to read each column against.
     common = {"target": "–", "sparsity": 0.0, "parameters": dense["parameters"], "macs": dense["macs"],
+              "file_bytes": dense.get("file_bytes"),
               "macs_ratio": 1.0, "sharpness_after": ((spectrum or {}).get("global", {}).get("eigenvalues") or [None])[0]}
     evaluations = [("dense, as trained" if dense.get("recalibrated") else "dense", dense)]
     if dense.get("recalibrated"):
@@ -165,6 +166,9 @@ def _columns(rows, mode: str, top5: bool) -> list[tuple[str, str, object]]:
                     ("speedup", "speedup", lambda value: f"{value:.2f}x")]
     if any(row.get("sharpness_after") is not None for row in rows):
         columns.append(("sharpness_after", "top Hessian eigenvalue", lambda value: f"{value:.4g}"))
+    if any(row.get("file_bytes") is not None for row in rows):
+        columns.append(("file_bytes", "checkpoint MB" if structured else "file MB",
+                        lambda value: f"{value / 1e6:.3f}"))
     columns += [("num_hvps", "HVPs", None), ("prune_seconds", "prune s", lambda value: f"{value:.1f}")]
     return columns
 
@@ -219,8 +223,11 @@ def _fairness(settings, dense: dict) -> str:
 def _table_note(mode: str, rows) -> str:
     note = "Bold: the best criterion at that target. "
     if mode == "unstructured":
+        sizes = (" File MB: the final model as a compressed file (bitmask + non-zero float32 values, as `camphive export "
+                 "--format sparse` writes it); the dense rows: the float32 checkpoint."
+                 if any(row.get("file_bytes") is not None for row in rows) else "")
         return note + ("Unstructured pruning keeps the tensor shapes: MACs count non-zero weights only, and dense "
-                       "kernels run no faster, so latency is not timed.")
+                       "kernels run no faster, so latency is not timed." + sizes)
     if any(row.get("latency_after_ms") is not None for row in rows):
         return note + ("Structured pruning removes channels. Latency: dense and every pruned model of a target timed "
                        "interleaved on the CPU, median over repeats [interquartile range]; differences inside the "

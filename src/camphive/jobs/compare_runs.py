@@ -15,6 +15,7 @@ from camphive.measure.latency import LATENCY_COLUMNS, compare_latency, latency_c
 from camphive.pruning import prune
 from camphive.report import METHOD
 from camphive.runs import RunFolder, atomic_write_text, timestamp
+from camphive.sparse_format import dense_checkpoint_bytes, sparse_file_bytes
 from camphive.training import evaluate, finetune
 
 
@@ -130,7 +131,11 @@ class CriterionRuns:
             finetuned = evaluate(model, self.test_loader, device=device)
             event("finetuned", accuracy=finetuned["accuracy"], top5=finetuned["top5"], seconds=finetune_seconds)
             self.scalars.add(f"{criterion}/finetuned_accuracy", finetuned["accuracy"], step)
-        return _row(criterion, target, result, pruned, finetuned, history, finetune_seconds), model
+        # What the final model costs on disk: the compressed file (bitmask + values) of an unstructured
+        # model, the checkpoint of a structured one (its channels are gone).
+        file_bytes = (sparse_file_bytes(model, masks=result.masks or None) if settings["mode"] == "unstructured"
+                      else dense_checkpoint_bytes(model))
+        return _row(criterion, target, result, pruned, finetuned, history, finetune_seconds, file_bytes), model
 
     def _finetune(self, model, masks, event) -> tuple[list, float]:
         settings = self.settings
@@ -163,7 +168,7 @@ class CriterionRuns:
         return event
 
 
-def _row(criterion, target, result, pruned, finetuned, history, finetune_seconds) -> dict:
+def _row(criterion, target, result, pruned, finetuned, history, finetune_seconds, file_bytes) -> dict:
     before, after = result.before, result.after
     structured = result.mode == "structured"
     macs_after = after["macs"] if structured else after["macs_nonzero"]
@@ -176,7 +181,7 @@ def _row(criterion, target, result, pruned, finetuned, history, finetune_seconds
         "pruned": pruned["accuracy"], "pruned_top5": pruned["top5"], "pruned_loss": pruned["loss"],
         "finetuned": finetuned["accuracy"] if finetuned else None,
         "finetuned_top5": finetuned["top5"] if finetuned else None,
-        "finetuned_loss": finetuned["loss"] if finetuned else None,
+        "finetuned_loss": finetuned["loss"] if finetuned else None, "file_bytes": file_bytes,
         **dict.fromkeys(LATENCY_COLUMNS),
         "sharpness_after": (result.extra.get("sharpness", {}).get("after") or [None])[0],
         "num_hvps": result.num_hvps, "curvature_seconds": result.curvature_seconds, "prune_seconds": result.seconds,
