@@ -248,3 +248,21 @@ def test_structured_summary_says_when_the_macs_target_was_missed_and_the_default
                                   "latency_allocation": {**allocation, "changed_groups": 0, "runtime": "onnxruntime"}})
     assert summary["latency-aware rounding"] == ("the uniform rounding was the fastest (40 layer shapes timed in "
                                                  "onnxruntime, in 2.0 s)")
+
+
+@pytest.mark.parametrize("setting, kept", [(None, True), ("default", False), ("DEFAULT", False)])
+def test_the_command_keeps_freed_memory_unless_told_not_to(monkeypatch, setting, kept):
+    import camphive.cli.entry as entry
+    import camphive.measure.allocator as allocator
+
+    calls = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append("kept") or "pinned")
+    monkeypatch.setattr(entry, "main", lambda argv=None: 0)
+    monkeypatch.setattr(entry.progress, "set_enabled", lambda enabled: None)  # leave this process's progress alone
+    if setting is None:
+        monkeypatch.delenv("CAMPHIVE_MALLOC", raising=False)
+    else:
+        monkeypatch.setenv("CAMPHIVE_MALLOC", setting)
+    with pytest.raises(SystemExit) as exited:
+        entry._entry()
+    assert exited.value.code == 0 and calls == (["kept"] if kept else [])

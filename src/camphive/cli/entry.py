@@ -1,6 +1,7 @@
 """Running the app: ``main`` (user errors as one line and an exit status) and the console entry point."""
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -50,5 +51,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _entry() -> None:
+    """The ``camphive`` command. Unlike the library, which leaves its caller's process alone, the
+    command keeps freed memory in the process (:func:`~camphive.measure.allocator.keep_freed_memory`)
+    unless ``CAMPHIVE_MALLOC=default``: glibc otherwise maps and unmaps every large activation on
+    each forward pass."""
     progress.set_enabled(None)
+    if os.environ.get("CAMPHIVE_MALLOC", "").lower() != "default":
+        from camphive.measure.allocator import keep_freed_memory
+
+        keep_freed_memory()
     sys.exit(main())
