@@ -250,8 +250,8 @@ def test_structured_summary_says_when_the_macs_target_was_missed_and_the_default
                                                  "onnxruntime, in 2.0 s)")
 
 
-@pytest.mark.parametrize("setting, kept", [(None, True), ("default", False), ("DEFAULT", False)])
-def test_the_command_keeps_freed_memory_unless_told_not_to(monkeypatch, setting, kept):
+@pytest.mark.parametrize("setting, kept", [(None, False), ("default", False), ("keep", True), ("KEEP", True)])
+def test_the_command_keeps_freed_memory_only_when_asked(monkeypatch, setting, kept):
     import camphive.cli.entry as entry
     import camphive.measure.allocator as allocator
 

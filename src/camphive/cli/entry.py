@@ -51,12 +51,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _entry() -> None:
-    """The ``camphive`` command. Unlike the library, which leaves its caller's process alone, the
-    command keeps freed memory in the process (:func:`~camphive.measure.allocator.keep_freed_memory`)
-    unless ``CAMPHIVE_MALLOC=default``: glibc otherwise maps and unmaps every large activation on
-    each forward pass."""
+    """The ``camphive`` command. With ``CAMPHIVE_MALLOC=keep`` it keeps freed memory in its process
+    (:func:`~camphive.measure.allocator.keep_freed_memory`) instead of letting glibc map and unmap
+    every large activation on each forward pass: a default prune of resnet18-imagenet on 128
+    images took 194 s against 226 s, at a peak of 4.5 GB against 3.4 GB, so it is opt-in."""
     progress.set_enabled(None)
-    if os.environ.get("CAMPHIVE_MALLOC", "").lower() != "default":
+    if os.environ.get("CAMPHIVE_MALLOC", "").lower() == "keep":
         from camphive.measure.allocator import keep_freed_memory
 
         keep_freed_memory()
