@@ -44,6 +44,7 @@ from camphive.data.transforms import default_transform  # noqa: E402
 from camphive.devices import cpu_vector_floats  # noqa: E402
 from camphive.export import export_onnx, fold_batchnorm  # noqa: E402
 from camphive.measure import count_macs, count_parameters, measure_latency, measure_onnx_latency  # noqa: E402
+from camphive.measure.layer_timing import RUNTIMES  # noqa: E402
 from camphive.pruning.core.batchnorm import recalibrate_batchnorm  # noqa: E402
 from camphive.pruning.structured.prune import prune_structured  # noqa: E402
 from camphive.training import evaluate, finetune  # noqa: E402
@@ -361,7 +362,7 @@ def main(argv=None) -> None:
     parser.add_argument("--latency-reach", type=int, default=0,
                         help="criteria: prune's latency_reach (0, the default: one multiple either side); latency: "
                              "also time the latency-aware shapes with this reach")
-    parser.add_argument("--latency-runtime", default="torch", choices=("torch", "onnxruntime"),
+    parser.add_argument("--latency-runtime", default="torch", choices=RUNTIMES,
                         help="latency: also time the latency-aware shapes whose search timed the layers in this "
                              "runtime (prune's latency_runtime)")
     parser.add_argument("--threads", type=int, default=1)
