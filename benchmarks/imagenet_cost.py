@@ -51,17 +51,19 @@ KEY_FUNCTIONS = (
     "layer_input_covariances", "scores", "channel_scores", "select_to_prune", "least_squares_merge", "pair_merge",
     "recalibrate_batchnorm", "model_summary", "count_macs", "top_loss_eigenvalues", "build_dependency_graph",
     "channel_groups", "consumer_grams", "merge_group", "remove_channels", "latency_before_after", "solve_layers",
-    "choose_within_units", "conjugate_gradient_merge", "_solve_directly", "latency_aware_kept",
+    "choose_within_units", "conjugate_gradient_merge", "_solve_directly", "latency_aware_kept", "refit_layers",
     # inside the merges: the damped G's inverse per layer, gathering each unit's system, the batched solves
     "_inverse", "submatrices", "inverse_submatrices", "times", "inverse_times", "_padded_solve",
 )
 MODES = {  # the options of each run; everything else is the default a new user gets
     "unstructured": {"sparsity": 0.9},
     "sparsegpt": {"sparsity": 0.9, "criterion": "sparsegpt"},
+    "refit": {"sparsity": 0.9, "refit": True},  # the opt-in layer-by-layer refit after the last cycle
     "structured": {"mode": "structured", "target_macs_ratio": 2.0},
     "statistics": {},  # only the layer input second moments G of every prunable layer, as one cycle computes them
 }
 LABELS = {"unstructured": "CAMP-HiVe unstructured, sparsity 0.9 (default)", "sparsegpt": "SparseGPT, sparsity 0.9",
+          "refit": "CAMP-HiVe unstructured, sparsity 0.9, refit=True",
           "structured": "CAMP-HiVe structured, 2x fewer MACs (default)",
           "statistics": "layer statistics G of every layer, once"}
 GIB = 2**30

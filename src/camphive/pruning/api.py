@@ -9,7 +9,7 @@ from camphive.pruning.settings import settings_for
 
 def prune(model, calib_data, sparsity: float | None = None, *, mode: str = "unstructured",
           settings: PruneSettings | None = None, masks=None, loss_fn=None, example_inputs=None, start_cycle: int = 0,
-          resume_state: dict | None = None, on_cycle_end=None, **options) -> PruneResult:
+          resume_state: dict | None = None, on_cycle_end=None, reference=None, **options) -> PruneResult:
     """Prune ``model`` in place and return a :class:`PruneResult`.
 
     ``calib_data``: calibration batches (a DataLoader, a Dataset or a list of ``(inputs,
@@ -24,7 +24,8 @@ def prune(model, calib_data, sparsity: float | None = None, *, mode: str = "unst
 
     ``masks`` (unstructured): weights already pruned. ``example_inputs``: one sample for MACs
     (default: the first calibration sample). Resuming: see
-    :func:`camphive.pruning.core.driver.run_cycles`.
+    :func:`camphive.pruning.core.driver.run_cycles`. ``reference`` (unstructured, ``refit=True``): the
+    unpruned model the refit matches (default: a copy of ``model`` as passed).
     """
     from camphive.pruning.structured.prune import prune_structured
     from camphive.pruning.unstructured.prune import prune_unstructured
@@ -38,9 +39,11 @@ def prune(model, calib_data, sparsity: float | None = None, *, mode: str = "unst
     common = {"loss_fn": loss_fn, "example_inputs": example_inputs, "start_cycle": start_cycle,
               "on_cycle_end": on_cycle_end}
     if settings.mode == "structured":
+        if reference is not None:
+            raise ConfigError("reference is the unpruned model of an unstructured refit; drop it for structured pruning")
         if masks:
             raise ConfigError("masks apply to unstructured pruning; structured pruning removes channels")
         return prune_structured(model, calib_data, settings=settings, resume_state=resume_state, **common)
     if resume_state is not None:
         raise ConfigError("resume_state applies to structured pruning; unstructured runs resume from masks")
-    return prune_unstructured(model, calib_data, settings=settings, masks=masks, **common)
+    return prune_unstructured(model, calib_data, settings=settings, masks=masks, reference=reference, **common)

@@ -31,19 +31,22 @@ PRECONDITIONERS = ("jacobi", "inverse")
 @torch.no_grad()
 def conjugate_gradient_merge(matrix: torch.Tensor, curvature, name: str, rows: torch.Tensor, pruned_now: torch.Tensor,
                              kept: torch.Tensor, tolerance: float = TOLERANCE, max_iterations: int = MAX_ITERATIONS,
-                             preconditioner: str = "jacobi") -> torch.Tensor:
+                             preconditioner: str = "jacobi", correction: torch.Tensor | None = None) -> torch.Tensor:
     """Add ``dW_S`` to ``matrix[rows]`` (kept entries only), in place; returns the iterations each unit took.
 
     ``matrix``: the layer ``(out_units, fan_in)``; ``pruned_now``, ``kept``: bool ``(len(rows), fan_in)``.
     Entries neither kept nor pruned now are never changed; the pruned ones are not zeroed here.
     ``preconditioner="inverse"`` needs a view with a shared inverse (``curvature.inverse_times``).
+    ``correction`` (``(len(rows), fan_in)``): the linear term ``e`` of ``least_squares_merge``, added to the
+    right-hand side (``Hhat_SS dW_S = Hhat_SP w_P + e_S``).
     """
     if preconditioner not in PRECONDITIONERS:
         raise ValueError(f"preconditioner must be one of {PRECONDITIONERS}, got {preconditioner!r}")
     out_units = matrix.shape[0]
     keep = kept.to(DTYPE)
     pruned_weights = matrix[rows].to(DTYPE) * pruned_now
-    residual = curvature.times(name, out_units, rows, pruned_weights, dtype=DTYPE) * keep  # Hhat_SP w_P
+    residual = curvature.times(name, out_units, rows, pruned_weights, dtype=DTYPE)  # Hhat_SP w_P (+ e)
+    residual = (residual if correction is None else residual + correction.to(DTYPE)) * keep
     if preconditioner == "inverse":
         def precondition(vectors: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
             return curvature.inverse_times(name, out_units, rows[units], vectors, dtype=DTYPE) * keep[units]

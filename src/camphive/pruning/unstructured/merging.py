@@ -75,8 +75,14 @@ def pair_merge(matrix: torch.Tensor, curvature, name: str, pruned_now: torch.Ten
 
 @torch.no_grad()
 def least_squares_merge(matrix: torch.Tensor, curvature, name: str, pruned_now: torch.Tensor, kept: torch.Tensor,
-                        chunk_elements: int = 2**22, solver: str = "auto") -> None:
+                        chunk_elements: int = 2**22, solver: str = "auto", correction: torch.Tensor | None = None) -> None:
     """Fold every weight pruned now into all kept weights of its unit: ``dW_S = Hhat_SS^-1 Hhat_SP w_P``.
+
+    ``correction`` (``(out_units, fan_in)``, optional) adds a linear term to each unit's quadratic model:
+    ``dW_S = Hhat_SS^-1 (Hhat_SP w_P + e_S)``. With ``Hhat = E[x x^T]`` and ``e = E[x (y - x^T w)]`` the
+    merge fits the kept weights to a target output ``y`` (e.g. the unpruned model's) instead of the unit's
+    current output; units with nothing pruned now are then refitted too
+    (:mod:`~camphive.pruning.unstructured.refit`).
 
     ``solver="direct"`` solves per unit in float64 on whichever side is smaller: the kept set S
     (``|S| x |S|`` systems), or, when the view shares an inverse across units (the reconstruction
@@ -92,7 +98,8 @@ def least_squares_merge(matrix: torch.Tensor, curvature, name: str, pruned_now: 
     check_choice("solver", solver, MERGE_SOLVERS)
     out_units, fan_in = matrix.shape
     pruned_now, kept = pruned_now.bool(), kept.bool()
-    units = (pruned_now.any(1) & kept.any(1)).nonzero(as_tuple=True)[0]
+    moved = pruned_now.any(1) if correction is None else pruned_now.any(1) | (correction != 0).any(1)
+    units = (moved & kept.any(1)).nonzero(as_tuple=True)[0]
     kept_counts = kept[units].sum(1)
     if curvature.has_shared_inverse(name):
         dual = fan_in - kept_counts < kept_counts
@@ -107,14 +114,16 @@ def least_squares_merge(matrix: torch.Tensor, curvature, name: str, pruned_now: 
         for start in range(0, chosen.numel(), step):
             rows = chosen[start : start + step]
             conjugate_gradient_merge(matrix, curvature, name, rows, pruned_now[rows], kept[rows],
-                                     preconditioner="inverse" if use_dual else "jacobi")
+                                     preconditioner="inverse" if use_dual else "jacobi",
+                                     correction=None if correction is None else correction[rows])
         direct = ~iterative & (dual == use_dual)
         _solve_directly(matrix, curvature, name, units[direct], widths[direct], pruned_now, kept, use_dual,
-                        chunk_elements)
+                        chunk_elements, correction)
     matrix[pruned_now] = 0
 
 
-def _solve_directly(matrix, curvature, name, units, widths, pruned_now, kept, use_dual, chunk_elements) -> None:
+def _solve_directly(matrix, curvature, name, units, widths, pruned_now, kept, use_dual, chunk_elements,
+                    correction=None) -> None:
     """The direct solves of ``units`` (their systems ``widths`` wide), in chunks of similar widths."""
     out_units, fan_in = matrix.shape
     widths, order = widths.sort()  # similar widths share a chunk: less padding
@@ -126,7 +135,8 @@ def _solve_directly(matrix, curvature, name, units, widths, pruned_now, kept, us
         step = _chunk_size(widths[min(start + 63, len(widths) - 1)], fan_in, chunk_elements)
         step = min(step, _chunk_size(widths[min(start + step, len(widths)) - 1], fan_in, chunk_elements))
         chunk = units[start : start + step]
-        solve(matrix, curvature, name, out_units, chunk, pruned_now[chunk], kept[chunk])
+        solve(matrix, curvature, name, out_units, chunk, pruned_now[chunk], kept[chunk],
+              None if correction is None else correction[chunk].to(torch.float64))
         start += step
 
 
@@ -148,23 +158,28 @@ def _padded_solve(system: torch.Tensor, right: torch.Tensor, valid: torch.Tensor
     return _solve_positive_definite(system, right * valid) * valid
 
 
-def _solve_on_kept(matrix, curvature, name, out_units, rows, pruned_now, kept) -> None:
+def _solve_on_kept(matrix, curvature, name, out_units, rows, pruned_now, kept, correction=None) -> None:
     order, valid = leading_columns(kept)
     pruned_weights = matrix[rows].to(torch.float64) * pruned_now  # (n, d)
-    right = curvature.times(name, out_units, rows, pruned_weights).to(torch.float64).gather(1, order)  # Hhat_SP w_P
+    right = curvature.times(name, out_units, rows, pruned_weights).to(torch.float64)  # Hhat_SP w_P (+ e)
+    right = (right if correction is None else right + correction).gather(1, order)
     solution = _padded_solve(curvature.submatrices(name, out_units, rows, order), right, valid)
     update = torch.zeros(rows.numel(), matrix.shape[1], dtype=torch.float64, device=matrix.device)
     update.scatter_add_(1, order, solution)
     matrix[rows] += update.to(matrix.dtype)
 
 
-def _solve_on_complement(matrix, curvature, name, out_units, rows, pruned_now, kept) -> None:
+def _solve_on_complement(matrix, curvature, name, out_units, rows, pruned_now, kept, correction=None) -> None:
+    # min 1/2 d^T H d - e^T d with d_Q = -t_Q: d = u - Hinv_{:,Q} (Hinv_QQ)^-1 (t_Q + u_Q), u = Hinv e (0 without e)
     order, valid = leading_columns(~kept)
-    targets = (matrix[rows].to(torch.float64) * pruned_now).gather(1, order)  # t_Q
+    targets = matrix[rows].to(torch.float64) * pruned_now  # t
+    free = None if correction is None else curvature.inverse_times(name, out_units, rows, correction).to(torch.float64)
+    targets = (targets if free is None else targets + free).gather(1, order)  # t_Q (+ u_Q)
     system = curvature.inverse_submatrices(name, out_units, rows, order)
     multipliers = torch.zeros(rows.numel(), matrix.shape[1], dtype=torch.float64, device=matrix.device)
     multipliers.scatter_add_(1, order, _padded_solve(system, targets, valid))
     update = -curvature.inverse_times(name, out_units, rows, multipliers).to(torch.float64)
+    update = update if free is None else update + free
     matrix[rows] += (update * kept).to(matrix.dtype)
 
 

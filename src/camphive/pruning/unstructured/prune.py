@@ -12,6 +12,7 @@ comparisons between them are fair by construction. The options are
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Mapping
@@ -36,6 +37,7 @@ from camphive.pruning.unstructured.merging import least_squares_merge, merge_int
 from camphive.pruning.unstructured.pairing import make_pairs
 from camphive.pruning.unstructured.patterns import pattern_extra, pattern_layout, select_pattern
 from camphive.pruning.unstructured.recovery import recover
+from camphive.pruning.unstructured.refit import refit_layers
 from camphive.pruning.unstructured.selection import check_target_reachable, cycle_targets, select_to_prune
 from camphive.pruning.unstructured.settings import UnstructuredSettings
 
@@ -44,7 +46,8 @@ log = logging.getLogger("camphive.pruning")
 
 def prune_unstructured(model: nn.Module, calib_data, sparsity: float | None = None, *,
                        settings: UnstructuredSettings | None = None, masks: Mapping[str, torch.Tensor] | None = None, loss_fn=None, example_inputs=None,
-                       start_cycle: int = 0, on_cycle_end=None, **options) -> PruneResult:
+                       start_cycle: int = 0, on_cycle_end=None, reference: nn.Module | None = None,
+                       **options) -> PruneResult:
     """Prune single weights of ``model`` in place; return a :class:`PruneResult` (``mode="unstructured"``).
 
     ``sparsity`` and the other keyword ``options`` (e.g. ``criterion="magnitude"``), or ``settings``:
@@ -52,6 +55,8 @@ def prune_unstructured(model: nn.Module, calib_data, sparsity: float | None = No
     or a list of ``(inputs, targets)``). ``masks``: weights already pruned (True = kept), kept
     pruned. ``on_cycle_end(cycle, masks, record)`` after every cycle; a run stopped after cycle k
     continues exactly with ``masks=<those masks>, start_cycle=k`` on the model saved then.
+    ``reference`` (``refit=True``): the unpruned model whose layer outputs the refit matches; default a copy
+    of ``model`` as passed (pass the unpruned model when resuming, so the refit matches it).
     """
     settings = resolve_settings("unstructured", settings, options, sparsity)
     batches = take_batches(calib_data, settings.num_batches)
@@ -66,7 +71,14 @@ def prune_unstructured(model: nn.Module, calib_data, sparsity: float | None = No
     if settings.spectrum_top_k:
         sharpness["before"], hvps, seconds = top_loss_eigenvalues(model, batches, run.params, loss_fn,
                                                                   settings.spectrum_top_k, settings.seed)
+    if settings.refit and reference is None:
+        reference = copy.deepcopy(model)
     history = run_cycles(model, batches, run, loss_fn=loss_fn, start_cycle=start_cycle, on_cycle_end=on_cycle_end)
+    refit = {}
+    if settings.refit:
+        log.info("refitting every layer to the unpruned model's outputs, layer after layer")
+        refit = refit_layers(model, reference, batches, run.alive, settings.damping, settings.merge_solver or "auto")
+        check_finite(model, "the refit")
     if settings.spectrum_top_k:
         sharpness["after"], more_hvps, more_seconds = top_loss_eigenvalues(model, batches, run.params, loss_fn,
                                                                            settings.spectrum_top_k, settings.seed)
@@ -78,7 +90,8 @@ def prune_unstructured(model: nn.Module, calib_data, sparsity: float | None = No
                        before=before, after=summary_without_layers(model, example), eigenvalues=history.eigenvalues,
                        num_hvps=history.num_hvps + hvps, curvature_seconds=history.curvature_seconds + seconds,
                        seconds=time.perf_counter() - started, cycles=history.cycles, config=config,
-                       extra={"sharpness": sharpness, **pattern_extra(model, run.params, settings.pattern)})
+                       extra={"sharpness": sharpness, **pattern_extra(model, run.params, settings.pattern),
+                              **({"refit": refit} if refit else {})})
 
 
 class UnstructuredRun(PruningMode):

@@ -1,0 +1,194 @@
+"""Refit each layer's kept weights to the unpruned model's outputs, layer after layer, masks fixed.
+
+A cycle's merges fit every layer to its own output before the cycle, all layers at once, on the inputs
+the model had then: what earlier layers lost is never made up for, and it adds up with depth. The refit
+(``refit=True``, after the last cycle) walks the layers in the order the model runs them. For layer l
+it reads, over the calibration batches, the pruned model's inputs ``x`` (earlier layers refitted
+already) and the reference model's output ``y`` of the same layer on the same images, and solves per
+output unit, with its mask fixed,
+
+    min over w_S, b of  E[(x_S^T w_S + b - y)^2] + damping * |w_S - w_S(before)|^2
+
+(``b``: only where the layer has a bias). This is :func:`least_squares_merge` with nothing pruned and
+the correction ``e = Cov(x, y) - Cov(x, x) w``, on the Gram ``Cov(x, x)`` damped as the merges damp
+it; then ``b = E[y] - E[x]^T w``. Layers are refitted one after the other, never at once: each layer
+corrects for the errors of the layers before it, so refitting them together would correct the same
+error twice (measured: accuracy falls apart).
+
+Cost: each layer's statistics need both models run up to that layer (each forward stops there), about
+``L / 2`` forward passes of each model for ``L`` layers, plus one Gram and one weight-gradient-shaped
+product per layer; the reference costs one more copy of the model's weights. A layer called more than
+once in a forward is refitted on its first call. Under torchrun the statistics are summed over processes.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from camphive.curvature.gram import GramSums, padded_2d
+from camphive.distributed import all_reduce_tensors
+from camphive.errors import ConfigError
+from camphive.pruning.core.unit_curvature import ReconstructionCurvature, unit_matrix
+from camphive.pruning.unstructured.merging import least_squares_merge
+
+log = logging.getLogger("camphive.pruning")
+
+
+REFITTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)  # other layers keep their merged weights
+
+
+class _Reached(Exception):
+    """Raised by a hook to stop a forward pass once the layer of interest has been reached."""
+
+
+@torch.no_grad()
+def refit_layers(model: nn.Module, reference: nn.Module, batches, alive: dict[str, torch.Tensor], damping: float,
+                 solver: str = "auto") -> dict:
+    """Refit the kept weights of the layers whose weights ``alive`` names (``{"<module>.weight": bool mask}``)
+    in ``model``, in place; returns ``{"layers": count refitted, "seconds": wall time}``."""
+    started = time.perf_counter()
+    modules = {}
+    for name in alive:
+        module_name = name[: -len(".weight")] if name.endswith(".weight") else ""
+        if isinstance(model.get_submodule(module_name), REFITTED_TYPES):
+            modules[module_name] = name
+    training = model.training, reference.training
+    model.eval()
+    reference.eval()
+    try:
+        order = _call_order(model, batches[0][0], modules)
+        for index, module_name in enumerate(order):
+            name = modules[module_name]
+            layer = model.get_submodule(module_name)
+            reference_layer = _same_layer(reference, module_name, layer)
+            statistics = _LayerStatistics(layer)
+            for inputs, _ in batches:
+                statistics.add(_stop_at(model, layer, inputs, output=False), _stop_at(reference, reference_layer,
+                                                                                      inputs, output=True))
+            statistics.solve(name, alive[name], damping, solver)
+            log.debug("refit %d/%d: %s", index + 1, len(order), module_name)
+    finally:
+        model.train(training[0])
+        reference.train(training[1])
+    return {"layers": len(order), "seconds": time.perf_counter() - started}
+
+
+def _same_layer(reference: nn.Module, module_name: str, layer: nn.Module) -> nn.Module:
+    """The reference's layer of that name, checked to be the same kind and shape."""
+    try:
+        found = reference.get_submodule(module_name)
+    except AttributeError:
+        found = None
+    if type(found) is not type(layer) or found.weight.shape != layer.weight.shape:
+        raise ConfigError(f"the reference model has no {type(layer).__name__} {module_name!r} of weight shape "
+                          f"{tuple(layer.weight.shape)}; pass the unpruned model of the same architecture")
+    return found
+
+
+def _call_order(model: nn.Module, inputs: torch.Tensor, modules: dict[str, str]) -> list[str]:
+    """The names in ``modules`` in the order one forward first calls them (layers never called left out)."""
+    order: list[str] = []
+    handles = [model.get_submodule(name).register_forward_pre_hook(
+        lambda module, args, name=name: None if name in order else order.append(name)) for name in modules]
+    try:
+        model(inputs[:2] if inputs.shape[0] > 2 else inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order
+
+
+def _stop_at(model: nn.Module, layer: nn.Module, inputs: torch.Tensor, output: bool) -> torch.Tensor:
+    """``layer``'s input (or output) in a forward of ``model`` on ``inputs``, the forward stopped there."""
+    found = []
+
+    def capture(module, args, result=None):
+        found.append(result if output else args[0])
+        raise _Reached
+
+    handle = layer.register_forward_hook(capture) if output else layer.register_forward_pre_hook(capture)
+    try:
+        model(inputs.to(layer.weight.device))
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    return found[0]
+
+
+class _LayerStatistics:
+    """Sums over a layer's input rows ``x`` (pruned model) and target outputs ``y`` (reference) for the refit."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+        self.gram = GramSums(layer)
+        self.cross = self.input_sums = self.output_sums = None  # (out, fan_in), (out, fan_in), (out,)
+
+    def add(self, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
+        layer = self.layer
+        self.gram.add(inputs)
+        if isinstance(layer, nn.Linear):
+            rows, targets = inputs.reshape(-1, inputs.shape[-1]), outputs.reshape(-1, outputs.shape[-1])
+            cross, input_sums = targets.T @ rows, rows.sum(0).expand(targets.shape[1], -1)
+            output_sums = targets.sum(0)
+        else:
+            padded, _, stride, dilation = padded_2d(layer, inputs)
+            targets = outputs.unsqueeze(-2) if isinstance(layer, nn.Conv1d) else outputs
+            shape = (layer.weight.shape[0], layer.weight.shape[1], *layer.weight.shape[2:])
+            if isinstance(layer, nn.Conv1d):
+                shape = (shape[0], shape[1], 1, shape[2])
+            if padded.shape[0] != targets.shape[0]:
+                raise ConfigError("the reference model's layer output does not match the pruned model's layer; "
+                                  "pass the unpruned model of the same architecture as the reference")
+
+            def weight_gradient(gradient):
+                return torch.nn.grad.conv2d_weight(padded, shape, gradient, stride=stride, dilation=dilation,
+                                                   groups=layer.groups).reshape(shape[0], -1)
+
+            cross = weight_gradient(targets)
+            input_sums = weight_gradient(torch.ones_like(targets)) if layer.bias is not None else None
+            output_sums = targets.sum((0, 2, 3))
+        self.cross = _add(self.cross, cross)
+        self.input_sums = _add(self.input_sums, input_sums)
+        self.output_sums = _add(self.output_sums, output_sums)
+
+    def solve(self, name: str, alive: torch.Tensor, damping: float, solver: str) -> None:
+        """Refit the layer's kept weights (and bias) in place."""
+        layer, weight = self.layer, unit_matrix(self.layer.weight.data)
+        gram = self.gram.total()
+        groups = 1 if isinstance(layer, nn.Linear) else layer.groups
+        if gram is None:
+            gram = torch.zeros(groups, weight.shape[1], weight.shape[1], dtype=torch.float64, device=weight.device)
+        parts = [gram, self.cross.double(), self.output_sums.double()]
+        if self.input_sums is not None:
+            parts.append(self.input_sums.double())
+        gram, cross, output_sums, *input_sums = all_reduce_tensors(parts)
+        (count,) = all_reduce_tensors([torch.tensor([float(self.gram.rows)], dtype=torch.float64)])
+        count = max(float(count), 1.0)
+        per_group = weight.shape[0] // groups
+        gram, cross = gram / count, cross / count  # E[x x^T], E[y x^T]
+        if input_sums:  # centred: the bias absorbs the means
+            mean_x, mean_y = input_sums[0] / count, output_sums / count
+            firsts = mean_x[::per_group]  # (groups, fan_in): every unit of a group sees the same inputs
+            gram = gram - firsts[:, :, None] * firsts[:, None, :]
+            cross = cross - mean_y[:, None] * mean_x
+        current = weight.double()
+        # E[y x^T] - w E[x x^T] per unit, as Cov(x, y) - Cov(x, x) w once centred (the Gram is symmetric)
+        correction = cross - torch.bmm(current.reshape(groups, per_group, -1), gram).reshape(current.shape)
+        view = ReconstructionCurvature({name: gram}, damping=damping)
+        kept = unit_matrix(alive).to(weight.device)
+        least_squares_merge(weight, view, name, torch.zeros_like(kept), kept, solver=solver,
+                            correction=correction * kept)
+        if input_sums:
+            layer.bias.data.copy_((mean_y - (mean_x * weight.double()).sum(1)).to(layer.bias.dtype))
+
+
+def _add(total: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor | None:
+    if value is None:
+        return total
+    value = value.to(torch.float64)
+    return value if total is None else total.add_(value)
+
