@@ -30,6 +30,8 @@ from camphive.training import finetune
 GREEDY_ROW = "camp-hive, forward selection within units"
 ABLATION_NOTE = ("; the ablation row chooses each unit's kept weights jointly by forward selection on its Gram, "
                  "the same count in every group, in the last cycle (unit_selection='greedy')")
+REFIT_NOTE = ("; the ', refit' rows add refit=True: after the last cycle every layer's kept weights refitted to the "
+              "unpruned model's outputs, layer after layer")
 # Calibration images and fine-tuning images per model, as benchmarks/unstructured.py's tables use them.
 BUDGETS = {"small-cnn": (1024, 20000), "resnet20": (512, 10000)}
 
@@ -76,6 +78,9 @@ def parse_args(argv=None):
     parser.add_argument("--ablation", action="store_true",
                         help="also CAMP-HiVe with unit_selection='greedy' (forward selection within each unit, the "
                              "same count per group) beside its default under a pattern (each group's top scores)")
+    parser.add_argument("--refit", action="store_true",
+                        help="also every criterion with refit=True (each layer refitted to the unpruned model's "
+                             "outputs, layer after layer, after the last cycle)")
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--finetune-samples", type=int, default=None, help="default: the model's budget")
     parser.add_argument("--calib-samples", type=int, default=None, help="default: the model's budget")
@@ -110,6 +115,8 @@ def main(argv=None) -> None:
         rows = {criterion: {"criterion": criterion} for criterion in criteria}
         if args.ablation:
             rows[GREEDY_ROW] = {"criterion": "camp-hive", "unit_selection": "greedy"}
+        if args.refit:
+            rows.update({f"{criterion}, refit": {"criterion": criterion, "refit": True} for criterion in criteria})
         for column, options in settings.items():
             for criterion, row_options in rows.items():
                 row = run_one(dense, calib, test, finetune_loader, {**row_options, **options},
@@ -126,7 +133,7 @@ def main(argv=None) -> None:
                 f"{args.seed}; {args.threads} thread(s). Each criterion with its defaults (CAMP-HiVe: 3 cycles, "
                 "least-squares merge, each group's highest scores kept; magnitude, Wanda: 1 cycle, plain removal;"
                 " SparseGPT: 1 cycle, its own update of the kept weights), the same pattern for all"
-                f"{ABLATION_NOTE if args.ablation else ''}. Cells: accuracy right after pruning / after fine-tuning.\n\n"
+                f"{ABLATION_NOTE if args.ablation else ''}{REFIT_NOTE if args.refit else ''}. Cells: accuracy right after pruning / after fine-tuning.\n\n"
                 f"Pattern held exactly in every group of every patterned layer: "
                 f"{'yes' if all(cell['violations'] == 0 for cell in checks) else 'NO'} ({len(checks)} runs). "
                 f"Left dense (no N:M layout): {', '.join(dense_layers) or 'none'}; the achieved global sparsity "

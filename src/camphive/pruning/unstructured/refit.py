@@ -132,7 +132,8 @@ class _LayerStatistics:
         self.gram.add(inputs)
         if isinstance(layer, nn.Linear):
             rows, targets = inputs.reshape(-1, inputs.shape[-1]), outputs.reshape(-1, outputs.shape[-1])
-            cross, input_sums = targets.T @ rows, rows.sum(0).expand(targets.shape[1], -1)
+            cross = targets.T @ rows
+            input_sums = rows.sum(0).expand(targets.shape[1], -1) if layer.bias is not None else None
             output_sums = targets.sum(0)
         else:
             padded, _, stride, dilation = padded_2d(layer, inputs)

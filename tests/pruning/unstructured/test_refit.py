@@ -1,0 +1,167 @@
+"""The refit after the last cycle: least squares to the unpruned model's layer outputs, layer after layer.
+
+References are closed forms in float64: per output unit, ``min |X_S w_S + b - y|^2 + lam |w_S - w0_S|^2``
+over the unit's kept inputs S (``lam`` the damping, a fraction of the mean diagonal of the centred Gram).
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from camphive.errors import ConfigError
+from camphive.pruning import prune
+from camphive.pruning.core.unit_curvature import ReconstructionCurvature
+from camphive.pruning.unstructured.merging import least_squares_merge
+from camphive.pruning.unstructured.refit import refit_layers
+
+DAMPING = 0.01
+
+
+def reference_fit(inputs, targets, weights, kept, bias: bool, damping: float = DAMPING):
+    """``(weights, bias)`` fitted per unit in float64; ``inputs`` (n, d), ``targets`` (n, units)."""
+    inputs, targets, weights = inputs.double(), targets.double(), weights.double()
+    mean_x = inputs.mean(0) if bias else torch.zeros(inputs.shape[1], dtype=torch.float64)
+    mean_y = targets.mean(0) if bias else torch.zeros(targets.shape[1], dtype=torch.float64)
+    centred, centred_y = inputs - mean_x, targets - mean_y
+    gram, cross = centred.T @ centred / len(inputs), centred.T @ centred_y / len(inputs)
+    shift = damping * gram.diagonal().mean()
+    fitted = torch.zeros_like(weights)
+    for unit in range(weights.shape[0]):
+        chosen = kept[unit].nonzero().squeeze(1)
+        system = gram[chosen][:, chosen] + shift * torch.eye(len(chosen), dtype=torch.float64)
+        fitted[unit, chosen] = torch.linalg.solve(system, cross[chosen, unit] + shift * weights[unit, chosen])
+    return fitted, mean_y - fitted @ mean_x
+
+
+@pytest.mark.parametrize("solver", ["direct", "cg"])
+def test_merge_correction_fits_a_target_output(solver):
+    """With ``e = E[x (y - x^T w)]`` the merge lands on the damped least-squares fit of y on the kept inputs, on
+    the kept side (units keeping few) and on the complement side (units keeping most) alike."""
+    generator = torch.Generator().manual_seed(0)
+    samples, fan_in, units = 400, 12, 6
+    inputs = torch.randn(samples, fan_in, generator=generator, dtype=torch.float64) @ torch.randn(
+        fan_in, fan_in, generator=generator, dtype=torch.float64)
+    targets = torch.randn(samples, units, generator=generator, dtype=torch.float64)
+    weights = torch.randn(units, fan_in, generator=generator, dtype=torch.float64)
+    kept = torch.rand(units, fan_in, generator=generator) < torch.linspace(0.2, 0.9, units)[:, None]
+    kept[:, 0] = True
+    pruned_now = ~kept & (torch.rand(units, fan_in, generator=generator) < 0.5)
+    weights[~kept & ~pruned_now] = 0  # pruned in an earlier cycle
+    gram = inputs.T @ inputs / samples
+    correction = (targets.T @ inputs / samples - weights @ gram) * kept
+    merged = weights.clone()
+    least_squares_merge(merged, ReconstructionCurvature({"w": gram}, DAMPING), "w", pruned_now, kept, solver=solver,
+                        correction=correction)
+    expected, _ = reference_fit(inputs, targets, weights, kept, bias=False)
+    tolerance = 1e-9 if solver == "direct" else 2e-2
+    assert torch.allclose(merged, expected, atol=tolerance * expected.abs().max(), rtol=0)
+    assert (merged[~kept] == 0).all()
+
+
+def _masked_copy(model: nn.Module, fraction: float, seed: int = 0) -> tuple[nn.Module, dict]:
+    generator = torch.Generator().manual_seed(seed)
+    pruned, alive = copy.deepcopy(model), {}
+    for name, parameter in pruned.named_parameters():
+        if name.endswith("weight") and parameter.ndim > 1:
+            alive[name] = torch.rand(parameter.shape, generator=generator) > fraction
+            alive[name].reshape(parameter.shape[0], -1)[:, 0] = True
+            parameter.data[~alive[name]] = 0
+    return pruned, alive
+
+
+def _batches(shape, count=3, size=40, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(size, *shape, generator=generator), torch.zeros(size, dtype=torch.long)) for _ in range(count)]
+
+
+def test_refit_of_linear_layers_is_sequential_and_exact():
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 5, bias=False), nn.Tanh(), nn.Linear(5, 3))
+    pruned, alive = _masked_copy(dense, 0.6)
+    before = {name: parameter.detach().clone() for name, parameter in pruned.named_parameters()}
+    batches = _batches((10,))
+    record = refit_layers(pruned, dense, batches, alive, DAMPING)
+    assert record["layers"] == 3
+    inputs = torch.cat([x for x, _ in batches])
+    seen = inputs  # the pruned model's input to each layer, earlier layers refitted
+    for index in (0, 2, 4):
+        layer, target_layer = pruned[index], dense[index]
+        target = dense[: index + 1](inputs)
+        weight, bias = reference_fit(seen, target, before[f"{index}.weight"], alive[f"{index}.weight"],
+                                     bias=layer.bias is not None)
+        assert torch.allclose(layer.weight.double(), weight, atol=1e-5)
+        if layer.bias is not None:
+            assert torch.allclose(layer.bias.double(), bias, atol=1e-5)
+        assert (layer.weight[~alive[f"{index}.weight"]] == 0).all()
+        seen = pruned[: index + 2](inputs) if index < 4 else None
+
+
+@pytest.mark.parametrize("groups,padding_mode", [(1, "zeros"), (2, "zeros"), (1, "reflect")])
+def test_refit_of_a_convolution_matches_its_im2col_least_squares(groups, padding_mode):
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=groups, padding_mode=padding_mode),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 3))
+    pruned, alive = _masked_copy(dense, 0.5)
+    before = pruned[0].weight.detach().clone()
+    batches = _batches((4, 8, 8))
+    refit_layers(pruned, dense, batches, alive, DAMPING)
+    inputs = torch.cat([x for x, _ in batches])
+    padded = F.pad(inputs, (1, 1, 1, 1), mode="constant" if padding_mode == "zeros" else padding_mode)
+    patches = F.unfold(padded, 3, stride=2).transpose(1, 2)  # (n, positions, 4 * 9)
+    targets = dense[0](inputs).permute(0, 2, 3, 1).reshape(-1, 6)
+    per_group = 6 // groups
+    for group in range(groups):
+        columns = slice(group * 36 // groups, (group + 1) * 36 // groups)
+        units = slice(group * per_group, (group + 1) * per_group)
+        weight, bias = reference_fit(patches[..., columns].reshape(-1, 36 // groups), targets[:, units],
+                                     before.reshape(6, -1)[units], alive["0.weight"].reshape(6, -1)[units], bias=True)
+        assert torch.allclose(pruned[0].weight.reshape(6, -1)[units].double(), weight, atol=1e-5)
+        assert torch.allclose(pruned[0].bias[units].double(), bias, atol=1e-5)
+
+
+def test_refit_of_an_unpruned_model_against_itself_changes_nothing():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 7, 2))
+    alive = {name: torch.ones_like(parameter, dtype=torch.bool) for name, parameter in model.named_parameters()
+             if parameter.ndim > 1}
+    batches = _batches((3, 7))
+    expected = torch.cat([model(x) for x, _ in batches])
+    refit_layers(model, copy.deepcopy(model), batches, alive, DAMPING)
+    assert torch.allclose(torch.cat([model(x) for x, _ in batches]), expected, atol=1e-5)
+
+
+def test_a_reference_of_another_architecture_is_refused():
+    model = nn.Sequential(nn.Linear(4, 3))
+    alive = {"0.weight": torch.ones(3, 4, dtype=torch.bool)}
+    with pytest.raises(ConfigError, match="reference model has no Linear '0'"):
+        refit_layers(model, nn.Sequential(nn.Linear(5, 3)), _batches((4,)), alive, DAMPING)
+
+
+def test_prune_with_refit_keeps_its_masks_and_lowers_the_output_error():
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    batches = [(x, torch.randint(0, 4, (x.shape[0],))) for x, _ in _batches((2, 6, 6), count=4, size=32)]
+    dense.eval()
+    with torch.no_grad():
+        dense(batches[0][0])
+    inputs = torch.cat([x for x, _ in batches])
+    errors = {}
+    for refit in (False, True):
+        model = copy.deepcopy(dense)
+        result = prune(model, batches, sparsity=0.7, refit=refit, recalibrate_bn=False)
+        for name, parameter in model.named_parameters():
+            if name in result.masks:
+                assert (parameter[~result.masks[name]] == 0).all()
+        with torch.no_grad():
+            errors[refit] = float((model.eval()(inputs) - dense(inputs)).pow(2).mean())
+        assert ("refit" in result.extra) == refit
+    assert errors[True] < errors[False]
+
+
+def test_structured_pruning_refuses_a_reference():
+    with pytest.raises(ConfigError, match="reference"):
+        prune(nn.Sequential(nn.Linear(4, 3)), _batches((4,)), mode="structured", target_macs_ratio=2.0,
+              reference=nn.Sequential(nn.Linear(4, 3)))
