@@ -138,12 +138,9 @@ class _LayerStatistics:
         else:
             padded, _, stride, dilation = padded_2d(layer, inputs)
             targets = outputs.unsqueeze(-2) if isinstance(layer, nn.Conv1d) else outputs
-            shape = (layer.weight.shape[0], layer.weight.shape[1], *layer.weight.shape[2:])
-            if isinstance(layer, nn.Conv1d):
+            shape = tuple(layer.weight.shape)
+            if isinstance(layer, nn.Conv1d):  # as the 2-D convolution of height 1 that padded_2d made of it
                 shape = (shape[0], shape[1], 1, shape[2])
-            if padded.shape[0] != targets.shape[0]:
-                raise ConfigError("the reference model's layer output does not match the pruned model's layer; "
-                                  "pass the unpruned model of the same architecture as the reference")
 
             def weight_gradient(gradient):
                 return torch.nn.grad.conv2d_weight(padded, shape, gradient, stride=stride, dilation=dilation,
@@ -163,12 +160,12 @@ class _LayerStatistics:
         groups = 1 if isinstance(layer, nn.Linear) else layer.groups
         if gram is None:
             gram = torch.zeros(groups, weight.shape[1], weight.shape[1], dtype=torch.float64, device=weight.device)
-        parts = [gram, self.cross.double(), self.output_sums.double()]
+        rows = torch.tensor([float(self.gram.rows)], dtype=torch.float64, device=gram.device)
+        parts = [gram, self.cross.double(), self.output_sums.double(), rows]
         if self.input_sums is not None:
             parts.append(self.input_sums.double())
-        gram, cross, output_sums, *input_sums = all_reduce_tensors(parts)
-        (count,) = all_reduce_tensors([torch.tensor([float(self.gram.rows)], dtype=torch.float64)])
-        count = max(float(count), 1.0)
+        gram, cross, output_sums, rows, *input_sums = all_reduce_tensors(parts)  # one collective under torchrun
+        count = max(float(rows), 1.0)
         per_group = weight.shape[0] // groups
         gram, cross = gram / count, cross / count  # E[x x^T], E[y x^T]
         if input_sums:  # centred: the bias absorbs the means
