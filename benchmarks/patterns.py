@@ -143,7 +143,8 @@ def main(argv=None) -> None:
                 f"{table(results, list(settings))}")
         print(body)
         if not args.no_write:
-            append_results(f"N:M semi-structured pruning: {model_name} on {args.dataset}", body)
+            kind = "N:M semi-structured pruning" + (" with refit" if args.refit else "")
+            append_results(f"{kind}: {model_name} on {args.dataset}", body)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def _call_order(model: nn.Module, inputs: torch.Tensor, modules: dict[str, str])
     handles = [model.get_submodule(name).register_forward_pre_hook(
         lambda module, args, name=name: None if name in order else order.append(name)) for name in modules]
     try:
-        model(inputs[:2] if inputs.shape[0] > 2 else inputs)
+        model((inputs[:2] if inputs.shape[0] > 2 else inputs).to(next(model.parameters()).device))
     finally:
         for handle in handles:
             handle.remove()
