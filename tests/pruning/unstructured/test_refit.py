@@ -87,7 +87,7 @@ def test_refit_of_linear_layers_is_sequential_and_exact():
     inputs = torch.cat([x for x, _ in batches])
     seen = inputs  # the pruned model's input to each layer, earlier layers refitted
     for index in (0, 2, 4):
-        layer, target_layer = pruned[index], dense[index]
+        layer = pruned[index]
         target = dense[: index + 1](inputs)
         weight, bias = reference_fit(seen, target, before[f"{index}.weight"], alive[f"{index}.weight"],
                                      bias=layer.bias is not None)
