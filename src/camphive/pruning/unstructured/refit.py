@@ -32,6 +32,7 @@ from camphive.curvature.gram import GramSums, padded_2d
 from camphive.distributed import all_reduce_tensors
 from camphive.errors import ConfigError
 from camphive.pruning.core.unit_curvature import ReconstructionCurvature, unit_matrix
+from camphive.pruning.unstructured.layer_solvers import forward_order
 from camphive.pruning.unstructured.merging import least_squares_merge
 
 log = logging.getLogger("camphive.pruning")
@@ -50,30 +51,31 @@ def refit_layers(model: nn.Module, reference: nn.Module, batches, alive: dict[st
     """Refit the kept weights of the layers whose weights ``alive`` names (``{"<module>.weight": bool mask}``)
     in ``model``, in place; returns ``{"layers": count refitted, "seconds": wall time}``."""
     started = time.perf_counter()
-    modules = {}
-    for name in alive:
-        module_name = name[: -len(".weight")] if name.endswith(".weight") else ""
-        if isinstance(model.get_submodule(module_name), REFITTED_TYPES):
-            modules[module_name] = name
+    layers = {name: model.get_submodule(name.rpartition(".")[0]) for name in alive}
+    layers = {name: layer for name, layer in layers.items() if isinstance(layer, REFITTED_TYPES)}
     training = model.training, reference.training
     model.eval()
     reference.eval()
+    refitted = 0
     try:
-        order = _call_order(model, batches[0][0], modules)
-        for index, module_name in enumerate(order):
-            name = modules[module_name]
-            layer = model.get_submodule(module_name)
+        order, _ = forward_order(model, layers, batches[0][0][:1]) if layers else ([], set())
+        for name in order:
+            layer, module_name = layers[name], name.rpartition(".")[0]
             reference_layer = _same_layer(reference, module_name, layer)
             statistics = _LayerStatistics(layer)
             for inputs, _ in batches:
-                statistics.add(_stop_at(model, layer, inputs, output=False), _stop_at(reference, reference_layer,
-                                                                                      inputs, output=True))
+                seen = _stop_at(model, layer, inputs, output=False)
+                if seen is not None:  # a layer this batch never reaches adds nothing
+                    statistics.add(seen, _stop_at(reference, reference_layer, inputs, output=True))
+            if statistics.cross is None:
+                continue  # never run on the calibration batches: nothing to fit
             statistics.solve(name, alive[name], damping, solver)
-            log.debug("refit %d/%d: %s", index + 1, len(order), module_name)
+            refitted += 1
+            log.debug("refit %d/%d: %s", refitted, len(order), module_name)
     finally:
         model.train(training[0])
         reference.train(training[1])
-    return {"layers": len(order), "seconds": time.perf_counter() - started}
+    return {"layers": refitted, "seconds": time.perf_counter() - started}
 
 
 def _same_layer(reference: nn.Module, module_name: str, layer: nn.Module) -> nn.Module:
@@ -88,21 +90,9 @@ def _same_layer(reference: nn.Module, module_name: str, layer: nn.Module) -> nn.
     return found
 
 
-def _call_order(model: nn.Module, inputs: torch.Tensor, modules: dict[str, str]) -> list[str]:
-    """The names in ``modules`` in the order one forward first calls them (layers never called left out)."""
-    order: list[str] = []
-    handles = [model.get_submodule(name).register_forward_pre_hook(
-        lambda module, args, name=name: None if name in order else order.append(name)) for name in modules]
-    try:
-        model((inputs[:2] if inputs.shape[0] > 2 else inputs).to(next(model.parameters()).device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return order
-
-
 def _stop_at(model: nn.Module, layer: nn.Module, inputs: torch.Tensor, output: bool) -> torch.Tensor:
-    """``layer``'s input (or output) in a forward of ``model`` on ``inputs``, the forward stopped there."""
+    """``layer``'s input (or output) in a forward of ``model`` on ``inputs``, the forward stopped there (None if
+    the forward never runs ``layer``)."""
     found = []
 
     def capture(module, args, result=None):
@@ -116,7 +106,7 @@ def _stop_at(model: nn.Module, layer: nn.Module, inputs: torch.Tensor, output: b
         pass
     finally:
         handle.remove()
-    return found[0]
+    return found[0] if found else None
 
 
 class _LayerStatistics:
