@@ -4,7 +4,8 @@ Prunes ImageNet-shaped models on synthetic 3x224x224 images (seeded normal noise
 the cost of pruning does not depend on what the images show) with the defaults a new user gets:
 CAMP-HiVe unstructured at sparsity 0.9 (``camphive.prune(model, calib, sparsity=0.9)``), SparseGPT
 at the same sparsity (``criterion="sparsegpt"``, the strongest one-shot peer, for scale) and
-CAMP-HiVe structured at 2x fewer MACs (``mode="structured", target_macs_ratio=2.0``). For each model
+CAMP-HiVe structured at 2x fewer MACs (``mode="structured", target_macs_ratio=2.0``); modes ``refit`` and
+``structured-refit`` add the opt-in ``refit=True`` to the unstructured and structured runs. For each model
 and calibration set one summary table puts them side by side with one no-grad forward pass over the
 same images: seconds, seconds in forward passes, ratio to SparseGPT and peak memory. Each key function of the pipeline runs inside a :class:`camphive.profiling.StageProfile`
 stage (wrapped where it is looked up, so the table follows the code wherever it lives; a stage
@@ -60,11 +61,13 @@ MODES = {  # the options of each run; everything else is the default a new user 
     "sparsegpt": {"sparsity": 0.9, "criterion": "sparsegpt"},
     "refit": {"sparsity": 0.9, "refit": True},  # the opt-in layer-by-layer refit after the last cycle
     "structured": {"mode": "structured", "target_macs_ratio": 2.0},
+    "structured-refit": {"mode": "structured", "target_macs_ratio": 2.0, "refit": True},
     "statistics": {},  # only the layer input second moments G of every prunable layer, as one cycle computes them
 }
 LABELS = {"unstructured": "CAMP-HiVe unstructured, sparsity 0.9 (default)", "sparsegpt": "SparseGPT, sparsity 0.9",
           "refit": "CAMP-HiVe unstructured, sparsity 0.9, refit=True",
           "structured": "CAMP-HiVe structured, 2x fewer MACs (default)",
+          "structured-refit": "CAMP-HiVe structured, 2x fewer MACs, refit=True",
           "statistics": "layer statistics G of every layer, once"}
 GIB = 2**30
 
@@ -158,7 +161,7 @@ def profile_one(name: str, count: int, mode: str, args, cycle: int | None = None
     model = models.create(name, num_classes=1000)
     batches = synthetic_batches(count, args.batch_size, args.resolution)
     options = dict(MODES[mode])
-    if mode == "structured" and args.no_latency:
+    if mode.startswith("structured") and args.no_latency:
         options["measure_latency"] = False
     state_path = args.state_dir / f"{name}-{count}-{mode}-after-cycle-{{}}.pt"
     if cycle is not None:
@@ -313,7 +316,8 @@ def main(argv=None) -> None:
                         help="comma-separated: resnet18-imagenet, mobilenetv2-imagenet, resnet50-imagenet, ...")
     parser.add_argument("--sizes", default="128,256", help="comma-separated calibration set sizes (images)")
     parser.add_argument("--modes", default="unstructured,sparsegpt,structured",
-                        help="comma-separated, run in this order: unstructured, sparsegpt, structured, statistics (G "
+                        help="comma-separated, run in this order: unstructured, sparsegpt, refit, structured, "
+                             "structured-refit, statistics (G "
                              "of every layer alone: what grows with the images)")
     parser.add_argument("--batch-size", type=int, default=128, help="calibration batch size (the CLI's default)")
     parser.add_argument("--resolution", type=int, default=224)

@@ -9,7 +9,9 @@ Sections (``--sections``):
 * ``criteria``: for each model (small-cnn, resnet20 on Fashion-MNIST, dense models trained
   here or read from the cache), every criterion at each MACs reduction (``--ratios``):
   accuracy right after pruning, after BatchNorm recalibration on the calibration images, and
-  after a short fine-tune; plus CPU latency of the pruned shapes (batch 1 and 64).
+  after a short fine-tune; plus CPU latency of the pruned shapes (batch 1 and 64). ``--refit`` adds
+  each criterion with ``refit=True``, whose "right after pruning" is the library's output (BN
+  re-estimated, then the refit).
 * ``latency``: the latency part of ``criteria`` alone (L1-pruned shapes, with the same rounding
   levers as ``speed``), for re-timing.
 * ``speed``: resnet56 at CIFAR size (3x32x32, untrained: MACs and latency only) at each
@@ -88,8 +90,11 @@ class Evaluation:
 
     def prune_and_measure(self, dense, criterion: str, options: dict, finetune_epochs: int) -> dict:
         model = copy.deepcopy(dense)
+        # "right after pruning" is without BN re-estimation, except with the refit: that row is the library's
+        # own order (BN re-estimated after the cycle, then the refit), which the refit's fit depends on
+        options = {"recalibrate_bn": bool(options.get("refit")), **options}
         result = prune_structured(model, self.calibration, criterion=criterion, measure_latency=False,
-                                  recalibrate_bn=False, seed=self.args.seed, **options)
+                                  seed=self.args.seed, **options)
         row = {"pruned": self.accuracy(model), "macs_ratio": result.extra["macs_ratio"],
                "params_ratio": result.extra["params_ratio"], "seconds": result.seconds}
         recalibrate_batchnorm(model, self.calibration)
@@ -152,6 +157,8 @@ def criteria_section(args, evaluation: Evaluation) -> tuple[str, list[str]]:
         table: dict[str, dict[float, dict]] = {}
         shapes: dict[float, torch.nn.Module] = {}
         rows = [(c, c, {}, ratios) for c in criteria]
+        if args.refit:
+            rows += [(f"{c}, refit", c, {"refit": True}, ratios) for c in criteria]
         if args.ablations:  # ablations at the goal's ratio only (2x), to keep the budget
             goal_ratio = [r for r in ratios if r == 2.0] or ratios[:1]
             rows += [(label, c, o, goal_ratio) for label, (c, o) in ABLATIONS.items()]
@@ -365,6 +372,10 @@ def main(argv=None) -> None:
     parser.add_argument("--latency-runtime", default="torch", choices=RUNTIMES,
                         help="latency: also time the latency-aware shapes whose search timed the layers in this "
                              "runtime (prune's latency_runtime)")
+    parser.add_argument("--refit", action="store_true",
+                        help="criteria: add a '<criterion>, refit' row for every criterion (refit=True: BN re-estimated, "
+                             "then every layer refitted to the dense model's outputs; its 'right after pruning' is "
+                             "after both)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-write", dest="write", action="store_false", help="print only, leave RESULTS.md alone")
@@ -396,7 +407,7 @@ def main(argv=None) -> None:
     text = header + "\n" + "\n\n".join(parts) + "\n\n" + goals
     print(text)
     if args.write:
-        append_results("Structured (channel) pruning", text)
+        append_results("Structured (channel) pruning" + (", refit" if args.refit else ""), text)
 
 
 if __name__ == "__main__":

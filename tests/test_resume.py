@@ -179,3 +179,19 @@ def test_a_cycle_saved_by_one_mode_is_not_resumed_by_the_other(tmp_path, dense_c
     monkeypatch.undo()
     with pytest.raises(ConfigError, match="saved by unstructured pruning; resume with --mode unstructured"):
         prune_job(out=tmp_path / "cut", checkpoint=dense_checkpoint, resume=True, **STRUCTURED_SETTINGS)
+
+
+def test_a_resumed_structured_refit_matches_an_uninterrupted_one(tmp_path, dense_checkpoint, monkeypatch):
+    """The structured refit reads the dense checkpoint's outputs at the channels each layer kept, which the
+    resume state carries over the interruption."""
+    settings = {**STRUCTURED_SETTINGS, "finetune_epochs": 0,
+                "options": {**STRUCTURED_SETTINGS["options"], "refit": True}}
+    full = prune_job(out=tmp_path / "full", checkpoint=dense_checkpoint, **settings)
+    assert full["prune"]["refit"]["layers"] > 0
+    _interrupt_after(monkeypatch, "cycle.safetensors", 2)
+    with pytest.raises(KeyboardInterrupt):
+        prune_job(out=tmp_path / "cut", checkpoint=dense_checkpoint, **settings)
+    monkeypatch.undo()
+    resumed = prune_job(out=tmp_path / "cut", checkpoint=dense_checkpoint, resume=True, **settings)
+    _assert_same(tmp_path / "full" / "model.safetensors", tmp_path / "cut" / "model.safetensors")
+    assert resumed["pruned"] == full["pruned"]

@@ -235,7 +235,7 @@ def _prune(model, masks, calib, run, log, progress, metadata, resume, *, sparsit
         described = f"sparsity {record['sparsity']:.4f}" if "sparsity" in record else f"MACs {record.get('macs')}"
         log.info("cycle %d done: %s", cycle, described)
 
-    if mode == "unstructured" and model is not original:
+    if model is not original:
         extra["reference"] = original  # a resumed refit matches the unpruned model, not the one saved mid-run
     result = prune(model, calib, sparsity, mode=mode, criterion=criterion, masks=masks or None, seed=seed,
                    on_cycle_end=on_cycle_end, **extra)

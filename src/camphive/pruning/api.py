@@ -24,8 +24,8 @@ def prune(model, calib_data, sparsity: float | None = None, *, mode: str = "unst
 
     ``masks`` (unstructured): weights already pruned. ``example_inputs``: one sample for MACs
     (default: the first calibration sample). Resuming: see
-    :func:`camphive.pruning.core.driver.run_cycles`. ``reference`` (unstructured, ``refit=True``): the
-    unpruned model the refit matches (default: a copy of ``model`` as passed).
+    :func:`camphive.pruning.core.driver.run_cycles`. ``reference`` (``refit=True``): the unpruned model the
+    refit matches (default: a copy of ``model`` as passed).
     """
     from camphive.pruning.structured.prune import prune_structured
     from camphive.pruning.unstructured.prune import prune_unstructured
@@ -39,11 +39,10 @@ def prune(model, calib_data, sparsity: float | None = None, *, mode: str = "unst
     common = {"loss_fn": loss_fn, "example_inputs": example_inputs, "start_cycle": start_cycle,
               "on_cycle_end": on_cycle_end}
     if settings.mode == "structured":
-        if reference is not None:
-            raise ConfigError("reference is the unpruned model of an unstructured refit; drop it for structured pruning")
         if masks:
             raise ConfigError("masks apply to unstructured pruning; structured pruning removes channels")
-        return prune_structured(model, calib_data, settings=settings, resume_state=resume_state, **common)
+        return prune_structured(model, calib_data, settings=settings, resume_state=resume_state, reference=reference,
+                                **common)
     if resume_state is not None:
         raise ConfigError("resume_state applies to structured pruning; unstructured runs resume from masks")
     return prune_unstructured(model, calib_data, settings=settings, masks=masks, reference=reference, **common)

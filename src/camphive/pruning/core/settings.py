@@ -31,7 +31,11 @@ class PruneSettings:
     ``recalibrate_bn``: re-estimate BatchNorm statistics on the calibration batches after each
     cycle. ``score``, ``curvature``, ``loss_weighting``, ``first_order_weight``: CAMP-HiVe's
     weight scores. ``num_batches`` limits the calibration batches read; ``seed`` fixes every
-    random choice.
+    random choice. ``refit``: after the last cycle, refit every conv and linear layer's kept weights (and
+    bias; unstructured: masks fixed) to the unpruned model's output of that layer (structured: of the
+    output channels it kept), layer after layer in the order the model runs them, any criterion
+    (:mod:`~camphive.pruning.unstructured.refit`; off by default: it costs about L/2 forward passes of the
+    pruned and the unpruned model for L layers).
     """
 
     criterion: object = dataclasses.field(default="camp-hive", metadata={
@@ -52,6 +56,10 @@ class PruneSettings:
         "off_help": "Keep the BatchNorm statistics", "panel": "Pruning"})
     ignored_layers: object = dataclasses.field(default=None, metadata={
         "help": "Comma-separated module names to leave unpruned", "default": "", "items": str, "panel": "Pruning"})
+    refit: bool = dataclasses.field(default=False, metadata={
+        "help": "After the last cycle, refit each layer's kept weights (and bias) to the unpruned model's outputs, "
+                "layer after layer: about L/2 extra forward passes of both models for L layers",
+        "off_help": "No refit", "panel": "Pruning"})
     num_batches: int | None = None
     seed: int = 0
     score: str | None = dataclasses.field(default=None, metadata={

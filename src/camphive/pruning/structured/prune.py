@@ -44,7 +44,7 @@ from camphive.measure import count_macs
 from camphive.measure.layer_timing import LayerTimer
 from camphive.modules import as_input_tuple, eval_mode, inputs_on_model_device
 from camphive.pruning.core.checks import check_model_runs
-from camphive.pruning.core.driver import CycleOutcome, PruningMode, run_cycles
+from camphive.pruning.core.driver import CycleOutcome, PruningMode, check_finite, run_cycles
 from camphive.pruning.core.result import PruneResult
 from camphive.pruning.settings import resolve_settings
 from camphive.pruning.structured.budget import (
@@ -61,6 +61,7 @@ from camphive.pruning.structured.latency_allocation import latency_aware_kept
 from camphive.pruning.structured.merging import consumer_grams, merge_group, norms_after
 from camphive.pruning.structured.report import cost_summary, latency_before_after, layer_sparsity, out_channels
 from camphive.pruning.structured.settings import StructuredSettings
+from camphive.pruning.unstructured.refit import REFITTED_TYPES, refit_layers
 
 log = logging.getLogger("camphive.pruning")
 
@@ -68,7 +69,7 @@ log = logging.getLogger("camphive.pruning")
 def prune_structured(model: nn.Module, calib_data, sparsity: float | None = None, *,
                      settings: StructuredSettings | None = None, loss_fn=None,
                      example_inputs: torch.Tensor | None = None, start_cycle: int = 0, resume_state: dict | None = None,
-                     on_cycle_end=None, **options) -> PruneResult:
+                     on_cycle_end=None, reference: nn.Module | None = None, **options) -> PruneResult:
     """Remove channels from ``model`` in place; return a :class:`PruneResult` (``mode="structured"``).
 
     ``sparsity`` or ``target_macs_ratio`` and the other keyword ``options`` (or ``settings``): see
@@ -83,7 +84,9 @@ def prune_structured(model: nn.Module, calib_data, sparsity: float | None = None
     (``skipped_groups``: grouped convolutions, GroupNorms that cannot stay balanced) and
     latency (``None`` when not measured; ``{"skipped": reason}`` for models whose inputs are
     not one floating-point tensor, or a resumed run). Groups read by a GroupNorm lose as many
-    channels from each of its groups, and keep a multiple of its group count.
+    channels from each of its groups, and keep a multiple of its group count. ``reference``
+    (``refit=True``): the unpruned model whose layer outputs the refit matches; default a copy of
+    ``model`` as passed (pass the unpruned model when resuming).
     """
     settings = resolve_settings("structured", settings, options, sparsity)
     started = time.perf_counter()
@@ -94,6 +97,9 @@ def prune_structured(model: nn.Module, calib_data, sparsity: float | None = None
     if not 0 <= start_cycle <= settings.cycles or (start_cycle > 0) != (resume_state is not None):
         raise ConfigError(f"start_cycle {start_cycle} needs the resume_state of cycle {start_cycle} (and must be "
                           f"within the {settings.cycles} cycles); pass both, or neither")
+    if settings.refit and resume_state is not None and reference is None:
+        raise ConfigError("a resumed refit=True run needs the unpruned model as reference= (the model passed has "
+                          "lost channels already); pass it, or resume without the refit")
     latency_skipped = _latency_skip_reason(example) if settings.measure_latency else None
     if resume_state is not None and settings.measure_latency:
         latency_skipped = "a resumed run does not hold the original model; time it with camphive.measure_latency"
@@ -101,7 +107,10 @@ def prune_structured(model: nn.Module, calib_data, sparsity: float | None = None
         raise ConfigError("latency_channels_last needs one image input (N, C, H, W); time without it")
     run = StructuredRun(model, settings, example, resume_state)
     original_model = copy.deepcopy(model) if settings.measure_latency and not latency_skipped else None
+    if settings.refit and reference is None:
+        reference = original_model if original_model is not None else copy.deepcopy(model)
     history = run_cycles(model, batches, run, loss_fn=loss_fn, start_cycle=start_cycle, on_cycle_end=on_cycle_end)
+    refit = _refit(model, reference, batches, run) if settings.refit else {}
     after = cost_summary(model, run.macs_now)
     before = run.before
     final_sizes = {key: run.kept.get(key, size) for key, size in run.original_sizes.items()}
@@ -124,6 +133,7 @@ def prune_structured(model: nn.Module, calib_data, sparsity: float | None = None
         "target_macs_ratio": settings.target_macs_ratio, "target_reached": bool(run.reached),
         "channels": {key: [size, final_sizes[key]] for key, size in run.original_sizes.items()},
         "skipped_groups": run.skipped, "latency": latency, "latency_allocation": run.allocation,
+        **({"refit": refit} if refit else {}),
     }
     config = {**settings.to_dict(), **run.criterion.describe(), "num_batches": len(batches),
               "num_samples": sum(int(x.shape[0]) for x, _ in batches)}
@@ -150,6 +160,9 @@ class StructuredRun(PruningMode):
         self.original_sizes: dict[str, int] = dict(state.get("original_sizes", {}))
         self.skipped: dict[str, str] = dict(state.get("skipped_groups", {}))
         self.kept: dict[str, int] = dict(state.get("kept", {}))
+        # per conv/linear: the original output channels its outputs still are, in order (for the refit)
+        self.rows: dict[str, torch.Tensor] = {name: torch.as_tensor(kept, dtype=torch.int64)
+                                              for name, kept in state.get("rows", {}).items()} or _all_rows(model)
         self.reached = True
         self.timer: LayerTimer | None = None  # layer timings for latency-aware rounding, kept across cycles
         self.timings: dict = dict(state.get("layer_timings", {}))  # a resumed run reuses them: same choices
@@ -186,6 +199,7 @@ class StructuredRun(PruningMode):
         merged = _merge(model, groups, removals, scores, info.grams, settings) if changed else {"folded": 0,
                                                                                                 "unfolded": 0}
         for group in groups:
+            self._forget_rows(group, removals[group.key])
             remove_channels(graph, group, removals[group.key])
         return CycleOutcome(changed, {"channels_removed": int(sum(r.numel() for r in removals.values())),
                                       "macs_predicted": float(macs_model.predict(self.kept)),
@@ -240,6 +254,19 @@ class StructuredRun(PruningMode):
         self.allocation = {**allocation.describe(), "runtime": self.timer.runtime}
         return allocation.kept
 
+    def _forget_rows(self, group, removed: torch.Tensor) -> None:
+        """Drop the output channels that ``removed`` (root indices) takes from the group's producers."""
+        if not removed.numel():
+            return
+        for member in group.by_role("producer", "depthwise"):
+            if member.name not in self.rows:
+                continue
+            gone = member.indices[torch.isin(member.root_indices, removed)]
+            rows = self.rows[member.name]
+            keep = torch.ones(rows.numel(), dtype=torch.bool)
+            keep[gone] = False
+            self.rows[member.name] = rows[keep]
+
     def after_cycle(self, outcome: CycleOutcome) -> dict:
         self.macs_now = count_macs(self.model, self.one_sample)
         return {"macs": int(self.macs_now.total)}
@@ -247,7 +274,24 @@ class StructuredRun(PruningMode):
     def state(self) -> dict:
         return {"before": dict(self.before), "out_channels_before": dict(self.out_channels_before),
                 "original_sizes": dict(self.original_sizes), "skipped_groups": dict(self.skipped),
-                "kept": dict(self.kept), "layer_timings": self.timings}
+                "kept": dict(self.kept), "layer_timings": self.timings,
+                "rows": {name: rows.tolist() for name, rows in self.rows.items()}}
+
+
+def _all_rows(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{name: arange(outputs)}`` for every conv (not transposed) and linear layer of ``model``."""
+    return {name: torch.arange(module.weight.shape[0]) for name, module in model.named_modules()
+            if isinstance(module, REFITTED_TYPES)}
+
+
+def _refit(model: nn.Module, reference: nn.Module, batches, run: StructuredRun) -> dict:
+    """Refit every conv and linear layer to the reference's outputs of the channels it kept (refit.py)."""
+    log.info("refitting every layer to the unpruned model's outputs, layer after layer")
+    alive = {f"{name}.weight": torch.ones_like(module.weight, dtype=torch.bool)
+             for name, module in model.named_modules() if name in run.rows}
+    refit = refit_layers(model, reference, batches, alive, run.settings.damping, rows=run.rows)
+    check_finite(model, "the refit")
+    return refit
 
 
 def _check_example_runs(model: nn.Module, example: tuple) -> None:

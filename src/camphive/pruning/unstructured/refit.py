@@ -47,9 +47,12 @@ class _Reached(Exception):
 
 @torch.no_grad()
 def refit_layers(model: nn.Module, reference: nn.Module, batches, alive: dict[str, torch.Tensor], damping: float,
-                 solver: str = "auto") -> dict:
+                 solver: str = "auto", rows: dict[str, torch.Tensor] | None = None) -> dict:
     """Refit the kept weights of the layers whose weights ``alive`` names (``{"<module>.weight": bool mask}``)
-    in ``model``, in place; returns ``{"layers": count refitted, "seconds": wall time}``."""
+    in ``model``, in place; returns ``{"layers": count refitted, "seconds": wall time}``.
+
+    ``rows`` (a model whose channels were removed): ``{module name: int64 indices}``, the reference
+    layer's output channels that the layer's outputs are, in order (a layer not named: all of them)."""
     started = time.perf_counter()
     layers = {name: model.get_submodule(name.rpartition(".")[0]) for name in alive}
     layers = {name: layer for name, layer in layers.items() if isinstance(layer, REFITTED_TYPES)}
@@ -61,12 +64,14 @@ def refit_layers(model: nn.Module, reference: nn.Module, batches, alive: dict[st
         order, _ = forward_order(model, layers, batches[0][0][:1]) if layers else ([], set())
         for name in order:
             layer, module_name = layers[name], name.rpartition(".")[0]
-            reference_layer = _same_layer(reference, module_name, layer)
+            kept_rows = (rows or {}).get(module_name)
+            reference_layer = _same_layer(reference, module_name, layer, kept_rows)
             statistics = _LayerStatistics(layer)
             for inputs, _ in batches:
                 seen = _stop_at(model, layer, inputs, output=False)
                 if seen is not None:  # a layer this batch never reaches adds nothing
-                    statistics.add(seen, _stop_at(reference, reference_layer, inputs, output=True))
+                    target = _stop_at(reference, reference_layer, inputs, output=True)
+                    statistics.add(seen, target if kept_rows is None else target[:, kept_rows.to(target.device)])
             if statistics.cross is None:
                 continue  # never run on the calibration batches: nothing to fit
             statistics.solve(name, alive[name], damping, solver)
@@ -78,12 +83,21 @@ def refit_layers(model: nn.Module, reference: nn.Module, batches, alive: dict[st
     return {"layers": refitted, "seconds": time.perf_counter() - started}
 
 
-def _same_layer(reference: nn.Module, module_name: str, layer: nn.Module) -> nn.Module:
-    """The reference's layer of that name, checked to be the same kind and shape."""
+def _same_layer(reference: nn.Module, module_name: str, layer: nn.Module, kept_rows: torch.Tensor | None) -> nn.Module:
+    """The reference's layer of that name, checked to be the same kind and shape (with ``kept_rows``: of at
+    least as many outputs, the input width free)."""
     try:
         found = reference.get_submodule(module_name)
     except AttributeError:
         found = None
+    if kept_rows is not None:
+        fits = type(found) is type(layer) and kept_rows.numel() == layer.weight.shape[0] and (
+            kept_rows.numel() == 0 or int(kept_rows.max()) < found.weight.shape[0])
+        if not fits:
+            raise ConfigError(f"the reference model has no {type(layer).__name__} {module_name!r} with the "
+                              f"{kept_rows.numel()} output channels this layer kept; pass the unpruned model "
+                              "that was pruned")
+        return found
     if type(found) is not type(layer) or found.weight.shape != layer.weight.shape:
         raise ConfigError(f"the reference model has no {type(layer).__name__} {module_name!r} of weight shape "
                           f"{tuple(layer.weight.shape)}; pass the unpruned model of the same architecture")

@@ -48,10 +48,6 @@ class UnstructuredSettings(PruneSettings):
     (CAMP-HiVe's default without a pattern; jointly, by forward selection on the layer's Gram, in the last cycle,
     in the units that keep at most half of their alive weights, or under a pattern in every unit with each group's
     count: :mod:`~camphive.pruning.unstructured.greedy_selection`) or "scores" (the default under a pattern).
-    ``refit``: after the last cycle, refit every layer's kept weights (masks fixed) to the unpruned model's
-    output of that layer, layer after layer in the order the model runs them, any criterion
-    (:mod:`~camphive.pruning.unstructured.refit`; off by default: it costs about L/2 forward passes of the
-    pruned and the unpruned model for L layers).
     ``merge_solver``: how the least-squares merge is solved: "auto" (the default: a direct factorisation per
     unit where its system is at most 128 wide, conjugate gradients for wider ones), "direct" or "cg".
     """
@@ -92,10 +88,6 @@ class UnstructuredSettings(PruneSettings):
                 "forward selection on the layer's Gram, in the last cycle, where a unit keeps at most half of its "
                 "alive weights; under a pattern in every unit, with each group's count) or scores (its highest "
                 "scores)", "default": "greedy for camp-hive without a pattern, else scores", "panel": "CAMP-HiVe"})
-    refit: bool = field(default=False, metadata={
-        "help": "After the last cycle, refit each layer's kept weights (and bias) to the unpruned model's outputs, "
-                "layer after layer: about L/2 extra forward passes of both models for L layers",
-        "off_help": "No refit", "panel": "Pruning"})
     merge_solver: str | None = field(default=None, metadata={
         "help": "How the least-squares merge is solved: auto (direct per unit up to 128 wide, conjugate gradients "
                 "above), direct or cg", "default": "auto with merge least_squares", "panel": "CAMP-HiVe"})
