@@ -105,20 +105,6 @@ def test_prune_and_finetune_resume_to_the_same_result(tmp_path, dense_checkpoint
     assert resumed["finetuned"] == full["finetuned"] and resumed["pruned"] == full["pruned"]
 
 
-def test_a_resumed_refit_matches_the_unpruned_model_as_an_uninterrupted_run_does(tmp_path, dense_checkpoint,
-                                                                                monkeypatch):
-    """The refit's reference is the dense checkpoint, not the model saved after the last completed cycle."""
-    settings = {**PRUNE_SETTINGS, "finetune_epochs": 0, "options": {"cycles": 3, "refit": True}}
-    full = prune_job(out=tmp_path / "full", checkpoint=dense_checkpoint, **settings)
-    _interrupt_after(monkeypatch, "cycle.safetensors", 2)
-    with pytest.raises(KeyboardInterrupt):
-        prune_job(out=tmp_path / "cut", checkpoint=dense_checkpoint, **settings)
-    monkeypatch.undo()
-    resumed = prune_job(out=tmp_path / "cut", checkpoint=dense_checkpoint, resume=True, **settings)
-    _assert_same(tmp_path / "full" / "model.safetensors", tmp_path / "cut" / "model.safetensors")
-    assert resumed["pruned"] == full["pruned"]
-
-
 def test_resume_without_anything_to_resume_in_a_new_folder_just_runs(tmp_path, dense_checkpoint):
     result = prune_job(checkpoint=dense_checkpoint, out=tmp_path / "new", sparsity=0.5, calib_samples=32,
                        device="cpu", resume=True)
@@ -181,11 +167,13 @@ def test_a_cycle_saved_by_one_mode_is_not_resumed_by_the_other(tmp_path, dense_c
         prune_job(out=tmp_path / "cut", checkpoint=dense_checkpoint, resume=True, **STRUCTURED_SETTINGS)
 
 
-def test_a_resumed_structured_refit_matches_an_uninterrupted_one(tmp_path, dense_checkpoint, monkeypatch):
-    """The structured refit reads the dense checkpoint's outputs at the channels each layer kept, which the
-    resume state carries over the interruption."""
-    settings = {**STRUCTURED_SETTINGS, "finetune_epochs": 0,
-                "options": {**STRUCTURED_SETTINGS["options"], "refit": True}}
+@pytest.mark.parametrize("mode", ["unstructured", "structured"])
+def test_a_resumed_refit_matches_the_unpruned_model_as_an_uninterrupted_run_does(tmp_path, dense_checkpoint,
+                                                                                monkeypatch, mode):
+    """The refit's reference is the dense checkpoint, not the model saved after the last completed cycle
+    (structured: at the channels each layer kept, which the resume state carries over the interruption)."""
+    base = PRUNE_SETTINGS if mode == "unstructured" else STRUCTURED_SETTINGS
+    settings = {**base, "finetune_epochs": 0, "options": {**base.get("options", {}), "cycles": 3, "refit": True}}
     full = prune_job(out=tmp_path / "full", checkpoint=dense_checkpoint, **settings)
     assert full["prune"]["refit"]["layers"] > 0
     _interrupt_after(monkeypatch, "cycle.safetensors", 2)
