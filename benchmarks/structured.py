@@ -407,7 +407,8 @@ def main(argv=None) -> None:
     text = header + "\n" + "\n\n".join(parts) + "\n\n" + goals
     print(text)
     if args.write:
-        append_results("Structured (channel) pruning" + (", refit" if args.refit else ""), text)
+        refit = f", refit: {args.models} on fashion-mnist" if args.refit else ""  # one section per model set
+        append_results("Structured (channel) pruning" + refit, text)
 
 
 if __name__ == "__main__":
