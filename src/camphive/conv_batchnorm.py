@@ -24,7 +24,7 @@ def conv_batchnorm_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """
     modules = dict(model.named_modules())
     try:
-        graph = _ChildlessModulesAsLeaves().trace(model)
+        graph = ChildlessModulesAsLeaves().trace(model)
     except Exception:  # noqa: BLE001 - any tracing failure means: use the safe fallback
         return [pair for pair in _sequential_pairs(model) if _foldable(modules[pair[0]], modules[pair[1]])]
     calls: dict[str, int] = {}
@@ -47,7 +47,7 @@ def conv_batchnorm_pairs(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
-class _ChildlessModulesAsLeaves(fx.Tracer):
+class ChildlessModulesAsLeaves(fx.Tracer):
     """A tracer that records every module without children as one call, custom or not."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:

@@ -245,3 +245,51 @@ def test_a_resumed_structured_refit_without_its_reference_is_refused():
     with pytest.raises(ConfigError, match="unpruned model as reference"):
         prune(_structured_net(), _batches((2, 5, 5)), mode="structured", sparsity=0.5, refit=True,
               measure_latency=False, start_cycle=1, resume_state={"kept": {}})
+
+
+def test_one_pass_and_stopped_forwards_refit_a_residual_net_alike(monkeypatch):
+    """The one-pass refit (both models' traced graphs evaluated node by node over all batches) and the forwards
+    stopped at each layer read the same inputs and targets, so they refit every layer to the same weights."""
+    from camphive import models
+    from camphive.pruning.unstructured import refit
+
+    torch.manual_seed(0)
+    dense = models.create("resnet20", num_classes=4, in_channels=1).eval()
+    pruned, alive = _masked_copy(dense, 0.7)
+    batches = _batches((1, 10, 10), count=2, size=16)
+    by_pass = copy.deepcopy(pruned)
+    record = refit_layers(by_pass, dense, batches, alive, DAMPING)
+    monkeypatch.setattr(refit, "FRONTIER_BUDGET", 0)  # the activations "do not fit": stopped forwards
+    by_layer = copy.deepcopy(pruned)
+    fallback = refit_layers(by_layer, dense, batches, alive, DAMPING)
+    assert record["passes"] == "one forward of each model" and fallback["passes"] == "stopped forwards per layer"
+    assert record["layers"] == fallback["layers"] == len(alive)
+    for (name, fitted), (_, expected) in zip(by_pass.named_parameters(), by_layer.named_parameters()):
+        assert torch.allclose(fitted, expected, atol=1e-5), name
+    assert any(not torch.equal(a, b) for a, b in zip(by_pass.parameters(), pruned.parameters()))
+
+
+class _BranchesOnData(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, inputs):
+        hidden = self.first(inputs)
+        return self.second(hidden.relu() if hidden.sum() > 0 else hidden.tanh())
+
+
+def test_a_model_torch_fx_cannot_trace_is_refitted_by_stopped_forwards():
+    torch.manual_seed(0)
+    dense = _BranchesOnData()
+    pruned, alive = _masked_copy(dense, 0.5)
+    before = pruned.first.weight.detach().clone()
+    batches = _batches((6,))
+    record = refit_layers(pruned, dense, batches, alive, DAMPING)
+    assert record == {**record, "layers": 2, "passes": "stopped forwards per layer"}
+    inputs = torch.cat([x for x, _ in batches])
+    weight, bias = reference_fit(inputs, dense.first(inputs), before, alive["first.weight"], bias=True)
+    assert torch.allclose(pruned.first.weight.double(), weight, atol=1e-5)
+    assert torch.allclose(pruned.first.bias.double(), bias, atol=1e-5)

@@ -15,10 +15,17 @@ it; then ``b = E[y] - E[x]^T w``. Layers are refitted one after the other, never
 corrects for the errors of the layers before it, so refitting them together would correct the same
 error twice (measured: accuracy falls apart).
 
-Cost: each layer's statistics need both models run up to that layer (each forward stops there), about
-``L / 2`` forward passes of each model for ``L`` layers, plus one Gram and one weight-gradient-shaped
-product per layer; the reference costs one more copy of the model's weights. A layer called more than
-once in a forward is refitted on its first call. Under torchrun the statistics are summed over processes.
+How the statistics are read: where both models trace with ``torch.fx`` and their activations over all
+calibration batches fit in ``FRONTIER_BUDGET`` bytes, in ONE forward pass of each model, evaluated node by
+node over all batches, each layer refitted when the pass reaches it
+(:mod:`~camphive.pruning.unstructured.refit_graph`); otherwise from forwards of both models stopped at
+each layer in turn, about ``L / 2`` forward passes of each for ``L`` layers. Either way one Gram and one
+weight-gradient-shaped product per layer, and one more copy of the model's weights for the reference. A
+layer called more than once in a forward is refitted on its first call (the later calls use the refitted
+weights). Under torchrun the statistics are summed over processes.
+
+With channels removed (structured pruning) ``rows`` names, for each layer, the reference's output
+channels it still produces; every weight is kept (``alive`` all true).
 """
 from __future__ import annotations
 
@@ -34,11 +41,13 @@ from camphive.errors import ConfigError
 from camphive.pruning.core.unit_curvature import ReconstructionCurvature, unit_matrix
 from camphive.pruning.unstructured.layer_solvers import forward_order
 from camphive.pruning.unstructured.merging import least_squares_merge
+from camphive.pruning.unstructured.refit_graph import LockstepGraphs, frontier_bytes
 
 log = logging.getLogger("camphive.pruning")
 
 
 REFITTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)  # other layers keep their merged weights
+FRONTIER_BUDGET = 4 * 2**30  # bytes of activations the one-pass refit may hold (else stopped forwards per layer)
 
 
 class _Reached(Exception):
@@ -49,38 +58,88 @@ class _Reached(Exception):
 def refit_layers(model: nn.Module, reference: nn.Module, batches, alive: dict[str, torch.Tensor], damping: float,
                  solver: str = "auto", rows: dict[str, torch.Tensor] | None = None) -> dict:
     """Refit the kept weights of the layers whose weights ``alive`` names (``{"<module>.weight": bool mask}``)
-    in ``model``, in place; returns ``{"layers": count refitted, "seconds": wall time}``.
+    in ``model``, in place; returns ``{"layers": count refitted, "seconds": wall time, "passes": how the
+    statistics were read}`` ("one forward of each model" or "stopped forwards per layer").
 
     ``rows`` (a model whose channels were removed): ``{module name: int64 indices}``, the reference
     layer's output channels that the layer's outputs are, in order (a layer not named: all of them)."""
     started = time.perf_counter()
     layers = {name: model.get_submodule(name.rpartition(".")[0]) for name in alive}
     layers = {name: layer for name, layer in layers.items() if isinstance(layer, REFITTED_TYPES)}
+    rows = rows or {}
+    references = {name: _same_layer(reference, name.rpartition(".")[0], layer, rows.get(name.rpartition(".")[0]))
+                  for name, layer in layers.items()}
+
+    def fit(name: str, pairs) -> bool:
+        """Refit layer ``name`` from its (pruned inputs, reference outputs) per batch; False if it never ran."""
+        statistics, kept_rows = _LayerStatistics(layers[name]), rows.get(name.rpartition(".")[0])
+        for seen, target in pairs:
+            statistics.add(seen, target if kept_rows is None else target[:, kept_rows.to(target.device)])
+        if statistics.cross is None:
+            return False  # never run on the calibration batches: nothing to fit
+        statistics.solve(name, alive[name], damping, solver)
+        log.debug("refit: %s", name)
+        return True
+
     training = model.training, reference.training
     model.eval()
     reference.eval()
-    refitted = 0
     try:
-        order, _ = forward_order(model, layers, batches[0][0][:1]) if layers else ([], set())
-        for name in order:
-            layer, module_name = layers[name], name.rpartition(".")[0]
-            kept_rows = (rows or {}).get(module_name)
-            reference_layer = _same_layer(reference, module_name, layer, kept_rows)
-            statistics = _LayerStatistics(layer)
-            for inputs, _ in batches:
-                seen = _stop_at(model, layer, inputs, output=False)
-                if seen is not None:  # a layer this batch never reaches adds nothing
-                    target = _stop_at(reference, reference_layer, inputs, output=True)
-                    statistics.add(seen, target if kept_rows is None else target[:, kept_rows.to(target.device)])
-            if statistics.cross is None:
-                continue  # never run on the calibration batches: nothing to fit
-            statistics.solve(name, alive[name], damping, solver)
-            refitted += 1
-            log.debug("refit %d/%d: %s", refitted, len(order), module_name)
+        graphs = _lockstep_graphs(model, reference, batches) if layers else None
+        if graphs is not None:
+            refitted, passes = _refit_in_one_pass(graphs, batches, layers, fit), "one forward of each model"
+        else:
+            refitted, passes = _refit_by_stopped_forwards(model, reference, batches, layers, references, fit), \
+                "stopped forwards per layer"
     finally:
         model.train(training[0])
         reference.train(training[1])
-    return {"layers": refitted, "seconds": time.perf_counter() - started}
+    return {"layers": refitted, "seconds": time.perf_counter() - started, "passes": passes}
+
+
+def _lockstep_graphs(model: nn.Module, reference: nn.Module, batches) -> LockstepGraphs | None:
+    """Both models' traced graphs, or None where they cannot be traced alike or their frontier would not fit."""
+    try:
+        graphs = LockstepGraphs(model, reference)
+        needed = frontier_bytes(graphs, batches[0][0]) * len(batches)
+    except Exception as error:  # noqa: BLE001 - any tracing failure means: read the layers one by one
+        log.debug("refit by stopped forwards: %s", error)
+        return None
+    if needed > FRONTIER_BUDGET:
+        log.info("refit by stopped forwards per layer: one pass would hold %.1f GiB of activations", needed / 2**30)
+        return None
+    return graphs
+
+
+def _refit_in_one_pass(graphs: LockstepGraphs, batches, layers: dict, fit) -> int:
+    by_module = {name.rpartition(".")[0]: name for name in layers}
+    reached: set[str] = set()
+    refitted = []
+
+    def on_layer(module_name: str, inputs: list, targets: list) -> None:
+        reached.add(module_name)
+        if fit(by_module[module_name], zip(inputs, targets)):
+            refitted.append(module_name)
+
+    graphs.run(batches, on_layer, lambda module_name: module_name in by_module and module_name not in reached)
+    return len(refitted)
+
+
+def _refit_by_stopped_forwards(model, reference, batches, layers: dict, references: dict, fit) -> int:
+    """Each layer's statistics from forwards of both models stopped at it (any model; about L/2 passes each)."""
+    order, _ = forward_order(model, layers, batches[0][0][:1])
+    refitted = 0
+    for name in order:
+        layer, reference_layer = layers[name], references[name]
+
+        def pairs():
+            for inputs, _ in batches:
+                seen = _stop_at(model, layer, inputs, output=False)
+                if seen is not None:  # a layer this batch never reaches adds nothing
+                    yield seen, _stop_at(reference, reference_layer, inputs, output=True)
+
+        refitted += fit(name, pairs())
+    return refitted
 
 
 def _same_layer(reference: nn.Module, module_name: str, layer: nn.Module, kept_rows: torch.Tensor | None) -> nn.Module:

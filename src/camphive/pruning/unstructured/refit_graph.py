@@ -1,0 +1,118 @@
+"""Run the pruned and the unpruned model side by side, node by node of their ``torch.fx`` graphs, over all
+calibration batches at once, so that the refit (:mod:`~camphive.pruning.unstructured.refit`) reads each layer's
+inputs and targets from one forward pass of each model instead of one pass per layer.
+
+Both models are traced (modules without children as opaque calls); every batch keeps the values of the graph's
+nodes that a later node still reads (the *frontier*), and each node is evaluated for every batch before the next
+one. When a node calls a layer to refit, the pruned model's inputs to it (every layer before it refitted already)
+and the unpruned model's outputs of it are at hand for all batches: the layer is refitted, then evaluated. The
+frontier of all batches is held in memory; :func:`frontier_bytes` estimates it from one batch, and the refit runs
+the stopped forwards instead when it would exceed a budget, or when a model cannot be traced.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import fx, nn
+
+from camphive.conv_batchnorm import ChildlessModulesAsLeaves
+
+
+class LockstepGraphs:
+    """The traced graphs of ``model`` and ``reference`` (same architecture, possibly fewer channels)."""
+
+    def __init__(self, model: nn.Module, reference: nn.Module) -> None:
+        self.roots = (model, reference)
+        self.graphs = tuple(ChildlessModulesAsLeaves().trace(root) for root in self.roots)
+        shapes = [[(node.op, node.target) for node in graph.nodes] for graph in self.graphs]
+        if shapes[0] != shapes[1]:
+            raise ValueError("the two models trace to different graphs")
+        self.nodes = list(zip(*(graph.nodes for graph in self.graphs)))
+        if sum(node.op == "placeholder" for node, _ in self.nodes) != 1:
+            raise ValueError("the model takes more than one input")
+        position = {node: index for index, (node, _) in enumerate(self.nodes)}
+        self.last_use = {}  # node index -> indices of the nodes whose values are no longer needed after it
+        for index, (node, _) in enumerate(self.nodes):
+            used_until = max((position[user] for user in node.users), default=index)
+            self.last_use.setdefault(used_until, []).append(index)
+
+    def run(self, batches, on_layer: Callable[[str, list, list], None], is_refitted: Callable[[str], bool]) -> None:
+        """Evaluate both graphs over ``batches`` node by node; before a module call that ``is_refitted`` names,
+        ``on_layer(name, pruned inputs per batch, reference outputs per batch)`` (it refits the layer)."""
+        frontier = [[{} for _ in batches] for _ in self.roots]  # per model, per batch: node index -> value
+        for index, pair in enumerate(self.nodes):
+            node = pair[0]
+            if node.op == "output":
+                break
+            if node.op == "call_module" and is_refitted(node.target):
+                targets = self._evaluate(1, pair[1], index, frontier[1], batches)
+                inputs = [self._arguments(0, node, values)[0][0] for values in frontier[0]]
+                on_layer(node.target, inputs, targets)
+            else:
+                self._evaluate(1, pair[1], index, frontier[1], batches)
+            self._evaluate(0, node, index, frontier[0], batches)
+            for done in self.last_use.get(index, []):
+                for per_model in frontier:
+                    for values in per_model:
+                        values.pop(done, None)
+
+    def _arguments(self, which: int, node: fx.Node, values: dict) -> tuple[tuple, dict]:
+        position = self._positions[which]
+        load = functools.partial(_load, values=values, position=position)
+        return fx.node.map_arg(node.args, load), fx.node.map_arg(node.kwargs, load)
+
+    @functools.cached_property
+    def _positions(self) -> tuple[dict, dict]:
+        return tuple({node: index for index, node in enumerate(graph.nodes)} for graph in self.graphs)
+
+    def _evaluate(self, which: int, node: fx.Node, index: int, per_batch: list[dict], batches) -> list:
+        """Evaluate ``node`` of model ``which`` for every batch, store and return the values."""
+        root = self.roots[which]
+        results = []
+        for values, (inputs, _) in zip(per_batch, batches):
+            if node.op == "placeholder":
+                device = next(root.parameters()).device
+                result = inputs.to(device)
+            elif node.op == "get_attr":
+                result = functools.reduce(getattr, node.target.split("."), root)
+            else:
+                args, kwargs = self._arguments(which, node, values)
+                if node.op == "call_module":
+                    result = root.get_submodule(node.target)(*args, **kwargs)
+                elif node.op == "call_method":
+                    result = getattr(args[0], node.target)(*args[1:], **kwargs)
+                else:
+                    result = node.target(*args, **kwargs)
+            values[index] = result
+            results.append(result)
+        return results
+
+
+def _load(node: fx.Node, values: dict, position: dict):
+    return values[position[node]]
+
+
+def frontier_bytes(graphs: LockstepGraphs, first_batch) -> int:
+    """Bytes the frontiers of both models would hold at their peak, from the unpruned model's on one batch
+    (times two: the pruned model's is no larger), times the number of batches (the caller's)."""
+    peak, live = 0, {}
+    inputs = first_batch
+    for index, (_, node) in enumerate(graphs.nodes):
+        if node.op == "output":
+            break
+        values = live
+        graphs._evaluate(1, node, index, [values], [(inputs, None)])
+        peak = max(peak, sum(_tensor_bytes(value) for value in values.values()))
+        for done in graphs.last_use.get(index, []):
+            values.pop(done, None)
+    return 2 * peak
+
+
+def _tensor_bytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size() if not isinstance(value, nn.Parameter) else 0
+    if isinstance(value, (tuple, list)):
+        return sum(_tensor_bytes(item) for item in value)
+    return 0
