@@ -5,7 +5,9 @@ the cost of pruning does not depend on what the images show) with the defaults a
 CAMP-HiVe unstructured at sparsity 0.9 (``camphive.prune(model, calib, sparsity=0.9)``), SparseGPT
 at the same sparsity (``criterion="sparsegpt"``, the strongest one-shot peer, for scale) and
 CAMP-HiVe structured at 2x fewer MACs (``mode="structured", target_macs_ratio=2.0``); modes ``refit`` and
-``structured-refit`` add the opt-in ``refit=True`` to the unstructured and structured runs. For each model
+``structured-refit`` add the opt-in ``refit=True`` to the unstructured and structured runs (``refit-per-layer``
+and ``structured-refit-per-layer``: the same, reading the layers by forwards stopped at each one, as the refit does
+where the one pass does not fit or trace). For each model
 and calibration set one summary table puts them side by side with one no-grad forward pass over the
 same images: seconds, seconds in forward passes, ratio to SparseGPT and peak memory. Each key function of the pipeline runs inside a :class:`camphive.profiling.StageProfile`
 stage (wrapped where it is looked up, so the table follows the code wherever it lives; a stage
@@ -46,6 +48,7 @@ from common import publish
 import camphive  # noqa: E402  (common.py puts src/ on the path)
 from camphive import models  # noqa: E402
 from camphive.profiling import StageProfile, max_rss_bytes  # noqa: E402
+from camphive.pruning.unstructured import refit as refit_module  # noqa: E402
 
 # Module-level functions and methods timed as stages, by name (found in every camphive module).
 KEY_FUNCTIONS = (
@@ -53,6 +56,7 @@ KEY_FUNCTIONS = (
     "recalibrate_batchnorm", "model_summary", "count_macs", "top_loss_eigenvalues", "build_dependency_graph",
     "channel_groups", "consumer_grams", "merge_group", "remove_channels", "latency_before_after", "solve_layers",
     "choose_within_units", "conjugate_gradient_merge", "_solve_directly", "latency_aware_kept", "refit_layers",
+    "frontier_bytes", "_refit_in_one_pass", "_refit_by_stopped_forwards",
     # inside the merges: the damped G's inverse per layer, gathering each unit's system, the batched solves
     "_inverse", "submatrices", "inverse_submatrices", "times", "inverse_times", "_padded_solve",
 )
@@ -62,12 +66,17 @@ MODES = {  # the options of each run; everything else is the default a new user 
     "refit": {"sparsity": 0.9, "refit": True},  # the opt-in layer-by-layer refit after the last cycle
     "structured": {"mode": "structured", "target_macs_ratio": 2.0},
     "structured-refit": {"mode": "structured", "target_macs_ratio": 2.0, "refit": True},
+    # the same two refits reading the layers by forwards stopped at each one (what they fall back to)
+    "refit-per-layer": {"sparsity": 0.9, "refit": True},
+    "structured-refit-per-layer": {"mode": "structured", "target_macs_ratio": 2.0, "refit": True},
     "statistics": {},  # only the layer input second moments G of every prunable layer, as one cycle computes them
 }
 LABELS = {"unstructured": "CAMP-HiVe unstructured, sparsity 0.9 (default)", "sparsegpt": "SparseGPT, sparsity 0.9",
           "refit": "CAMP-HiVe unstructured, sparsity 0.9, refit=True",
           "structured": "CAMP-HiVe structured, 2x fewer MACs (default)",
           "structured-refit": "CAMP-HiVe structured, 2x fewer MACs, refit=True",
+          "refit-per-layer": "CAMP-HiVe unstructured, sparsity 0.9, refit=True by stopped forwards per layer",
+          "structured-refit-per-layer": "CAMP-HiVe structured, 2x fewer MACs, refit=True by stopped forwards per layer",
           "statistics": "layer statistics G of every layer, once"}
 GIB = 2**30
 
@@ -191,7 +200,12 @@ def profile_one(name: str, count: int, mode: str, args, cycle: int | None = None
             if mode == "statistics":  # the stage that grows with the calibration set, alone
                 camphive.curvature.layer_input_covariances(model, batches)
             else:
-                camphive.prune(model, batches, **options)
+                budget = refit_module.FRONTIER_BUDGET
+                refit_module.FRONTIER_BUDGET = 0 if mode.endswith("per-layer") else budget
+                try:
+                    camphive.prune(model, batches, **options)
+                finally:
+                    refit_module.FRONTIER_BUDGET = budget
     except _CycleDone:
         pass
     except _OutOfTime:
@@ -317,7 +331,7 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", default="128,256", help="comma-separated calibration set sizes (images)")
     parser.add_argument("--modes", default="unstructured,sparsegpt,structured",
                         help="comma-separated, run in this order: unstructured, sparsegpt, refit, structured, "
-                             "structured-refit, statistics (G "
+                             "structured-refit, refit-per-layer, structured-refit-per-layer, statistics (G "
                              "of every layer alone: what grows with the images)")
     parser.add_argument("--batch-size", type=int, default=128, help="calibration batch size (the CLI's default)")
     parser.add_argument("--resolution", type=int, default=224)
