@@ -293,3 +293,22 @@ def test_a_model_torch_fx_cannot_trace_is_refitted_by_stopped_forwards():
     weight, bias = reference_fit(inputs, dense.first(inputs), before, alive["first.weight"], bias=True)
     assert torch.allclose(pruned.first.weight.double(), weight, atol=1e-5)
     assert torch.allclose(pruned.first.bias.double(), bias, atol=1e-5)
+
+
+def test_inputs_whose_mean_dwarfs_their_spread_are_refitted_not_refused():
+    """Pooled features before a classifier: the centred Gram, from float32 products, loses its smallest
+    eigenvalues below zero; they are clipped, and the fit still lands (it used to stop the refit in Cholesky)."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(64, 3))
+    pruned, alive = _masked_copy(dense, 0.5)
+    generator = torch.Generator().manual_seed(1)
+    offset = torch.rand(64, generator=generator) * 100
+    batches = [(offset + 0.1 * torch.randn(20, 64, generator=generator), torch.zeros(20, dtype=torch.long))
+               for _ in range(2)]
+    inputs = torch.cat([x for x, _ in batches])
+    with torch.no_grad():
+        before = float((pruned(inputs) - dense(inputs)).pow(2).mean())
+        refit_layers(pruned, dense, batches, alive, DAMPING)
+        after = float((pruned(inputs) - dense(inputs)).pow(2).mean())
+    assert torch.isfinite(pruned[0].weight).all() and (pruned[0].weight[~alive["0.weight"]] == 0).all()
+    assert after < 1e-3 * before

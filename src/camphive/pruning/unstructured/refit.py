@@ -234,7 +234,7 @@ class _LayerStatistics:
         if input_sums:  # centred: the bias absorbs the means
             mean_x, mean_y = input_sums[0] / count, output_sums / count
             firsts = mean_x[::per_group]  # (groups, fan_in): every unit of a group sees the same inputs
-            gram = gram - firsts[:, :, None] * firsts[:, None, :]
+            gram = _positive_semidefinite(gram - firsts[:, :, None] * firsts[:, None, :], damping)
             cross = cross - mean_y[:, None] * mean_x
         current = weight.double()
         # E[y x^T] - w E[x x^T] per unit, as Cov(x, y) - Cov(x, x) w once centred (the Gram is symmetric)
@@ -245,6 +245,19 @@ class _LayerStatistics:
                             correction=correction * kept)
         if input_sums:
             layer.bias.data.copy_((mean_y - (mean_x * weight.double()).sum(1)).to(layer.bias.dtype))
+
+
+def _positive_semidefinite(gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """A centred Gram made safe to factorise once damped: the float32 products it is summed from lose digits
+    when the inputs' means dominate their spread (pooled features before a classifier), and the subtraction of
+    the means can leave it with negative eigenvalues larger than the damping; those are set to zero."""
+    gram = (gram + gram.transpose(-1, -2)) / 2
+    scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(torch.finfo(gram.dtype).tiny)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    if not bool(torch.linalg.cholesky_ex(gram + (damping * scale)[:, None, None] * eye).info.any()):
+        return gram
+    values, vectors = torch.linalg.eigh(gram)
+    return (vectors * values.clamp_min(0)[:, None, :]) @ vectors.transpose(-1, -2)
 
 
 def _add(total: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor | None:
