@@ -313,3 +313,13 @@ def test_inputs_whose_mean_dwarfs_their_spread_are_refitted_not_refused():
         after = float((pruned(inputs) - dense(inputs)).pow(2).mean())
     assert torch.isfinite(pruned[0].weight).all() and (pruned[0].weight[~alive["0.weight"]] == 0).all()
     assert after < 1e-3 * before
+
+
+def test_the_one_pass_memory_estimate_counts_the_values_a_later_node_still_reads():
+    """Linear(4, 8) -> ReLU -> Linear(8, 3): the peak is at the ReLU, whose input and output (8 + 8 floats per
+    sample) are both held; the input (4) was freed after the first layer read it. Both models, all samples."""
+    from camphive.pruning.unstructured.refit_graph import LockstepGraphs, frontier_bytes
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    batches = [(torch.randn(10, 4), None), (torch.randn(6, 4), None)]
+    assert frontier_bytes(LockstepGraphs(model, copy.deepcopy(model)), batches) == 2 * (8 + 8) * 4 * 16

@@ -101,7 +101,7 @@ def _lockstep_graphs(model: nn.Module, reference: nn.Module, batches) -> Lockste
     """Both models' traced graphs, or None where they cannot be traced alike or their frontier would not fit."""
     try:
         graphs = LockstepGraphs(model, reference)
-        needed = frontier_bytes(graphs, batches[0][0]) * len(batches)
+        needed = frontier_bytes(graphs, batches)
     except Exception as error:  # noqa: BLE001 - any tracing failure means: read the layers one by one
         log.debug("refit by stopped forwards: %s", error)
         return None

@@ -6,7 +6,7 @@ Both models are traced (modules without children as opaque calls); every batch k
 nodes that a later node still reads (the *frontier*), and each node is evaluated for every batch before the next
 one. When a node calls a layer to refit, the pruned model's inputs to it (every layer before it refitted already)
 and the unpruned model's outputs of it are at hand for all batches: the layer is refitted, then evaluated. The
-frontier of all batches is held in memory; :func:`frontier_bytes` estimates it from one batch, and the refit runs
+frontier of all batches is held in memory; :func:`frontier_bytes` estimates it from two samples, and the refit runs
 the stopped forwards instead when it would exceed a budget, or when a model cannot be traced.
 """
 from __future__ import annotations
@@ -94,11 +94,12 @@ def _load(node: fx.Node, values: dict, position: dict):
     return values[position[node]]
 
 
-def frontier_bytes(graphs: LockstepGraphs, first_batch) -> int:
-    """Bytes the frontiers of both models would hold at their peak, from the unpruned model's on one batch
-    (times two: the pruned model's is no larger), times the number of batches (the caller's)."""
+def frontier_bytes(graphs: LockstepGraphs, batches, probe_samples: int = 2) -> int:
+    """Bytes the frontiers of both models would hold at their peak over ``batches``: the unpruned model's
+    peak on its first ``probe_samples`` samples, per sample, times the samples of all batches, times two
+    (the pruned model's is no larger)."""
     peak, live = 0, {}
-    inputs = first_batch
+    inputs = batches[0][0][:probe_samples]
     for index, (_, node) in enumerate(graphs.nodes):
         if node.op == "output":
             break
@@ -107,7 +108,8 @@ def frontier_bytes(graphs: LockstepGraphs, first_batch) -> int:
         peak = max(peak, sum(_tensor_bytes(value) for value in values.values()))
         for done in graphs.last_use.get(index, []):
             values.pop(done, None)
-    return 2 * peak
+    samples = sum(int(batch[0].shape[0]) for batch in batches)
+    return 2 * peak * samples // max(int(inputs.shape[0]), 1)
 
 
 def _tensor_bytes(value) -> int:
