@@ -34,8 +34,9 @@ class PruneSettings:
     random choice. ``refit``: after the last cycle, refit every conv and linear layer's kept weights (and
     bias; unstructured: masks fixed) to the unpruned model's output of that layer (structured: of the
     output channels it kept), layer after layer in the order the model runs them, any criterion
-    (:mod:`~camphive.pruning.unstructured.refit`; off by default: it costs about L/2 forward passes of the
-    pruned and the unpruned model for L layers).
+    (:mod:`~camphive.pruning.unstructured.refit`; off by default: it costs one forward pass of the pruned
+    and the unpruned model plus each layer's statistics where both trace with torch.fx and their
+    activations fit in memory, else about L/2 passes of each for L layers).
     """
 
     criterion: object = dataclasses.field(default="camp-hive", metadata={
@@ -58,7 +59,8 @@ class PruneSettings:
         "help": "Comma-separated module names to leave unpruned", "default": "", "items": str, "panel": "Pruning"})
     refit: bool = dataclasses.field(default=False, metadata={
         "help": "After the last cycle, refit each layer's kept weights (and bias) to the unpruned model's outputs, "
-                "layer after layer: about L/2 extra forward passes of both models for L layers",
+                "layer after layer: one more forward pass of both models and each layer's statistics "
+                "(about L/2 passes of each for L layers where the models do not trace or fit in memory)",
         "off_help": "No refit", "panel": "Pruning"})
     num_batches: int | None = None
     seed: int = 0
