@@ -323,3 +323,9 @@ def test_the_one_pass_memory_estimate_counts_the_values_a_later_node_still_reads
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     batches = [(torch.randn(10, 4), None), (torch.randn(6, 4), None)]
     assert frontier_bytes(LockstepGraphs(model, copy.deepcopy(model)), batches) == 2 * (8 + 8) * 4 * 16
+
+
+def test_a_model_without_conv_or_linear_layers_to_refit_is_left_as_it_is():
+    model = nn.Sequential(nn.Flatten(), nn.ReLU())
+    record = refit_layers(model, copy.deepcopy(model), _batches((4,)), {}, DAMPING)
+    assert record["layers"] == 0

@@ -127,7 +127,7 @@ def _refit_in_one_pass(graphs: LockstepGraphs, batches, layers: dict, fit) -> in
 
 def _refit_by_stopped_forwards(model, reference, batches, layers: dict, references: dict, fit) -> int:
     """Each layer's statistics from forwards of both models stopped at it (any model; about L/2 passes each)."""
-    order, _ = forward_order(model, layers, batches[0][0][:1])
+    order, _ = forward_order(model, layers, batches[0][0][:1]) if layers else ([], set())
     refitted = 0
     for name in order:
         layer, reference_layer = layers[name], references[name]
