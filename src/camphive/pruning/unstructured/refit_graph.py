@@ -32,10 +32,11 @@ class LockstepGraphs:
         self.nodes = list(zip(*(graph.nodes for graph in self.graphs)))
         if sum(node.op == "placeholder" for node, _ in self.nodes) != 1:
             raise ValueError("the model takes more than one input")
-        position = {node: index for index, (node, _) in enumerate(self.nodes)}
+        # per model: node -> its index (the same in both graphs)
+        self.positions = tuple({node: index for index, node in enumerate(graph.nodes)} for graph in self.graphs)
         self.last_use = {}  # node index -> indices of the nodes whose values are no longer needed after it
         for index, (node, _) in enumerate(self.nodes):
-            used_until = max((position[user] for user in node.users), default=index)
+            used_until = max((self.positions[0][user] for user in node.users), default=index)
             self.last_use.setdefault(used_until, []).append(index)
 
     def run(self, batches, on_layer: Callable[[str, list, list], None], is_refitted: Callable[[str], bool]) -> None:
@@ -47,27 +48,22 @@ class LockstepGraphs:
             if node.op == "output":
                 break
             if node.op == "call_module" and is_refitted(node.target):
-                targets = self._evaluate(1, pair[1], index, frontier[1], batches)
+                targets = self.evaluate(1, pair[1], index, frontier[1], batches)
                 inputs = [self._arguments(0, node, values)[0][0] for values in frontier[0]]
                 on_layer(node.target, inputs, targets)
             else:
-                self._evaluate(1, pair[1], index, frontier[1], batches)
-            self._evaluate(0, node, index, frontier[0], batches)
+                self.evaluate(1, pair[1], index, frontier[1], batches)
+            self.evaluate(0, node, index, frontier[0], batches)
             for done in self.last_use.get(index, []):
                 for per_model in frontier:
                     for values in per_model:
                         values.pop(done, None)
 
     def _arguments(self, which: int, node: fx.Node, values: dict) -> tuple[tuple, dict]:
-        position = self._positions[which]
-        load = functools.partial(_load, values=values, position=position)
+        load = functools.partial(_load, values=values, position=self.positions[which])
         return fx.node.map_arg(node.args, load), fx.node.map_arg(node.kwargs, load)
 
-    @functools.cached_property
-    def _positions(self) -> tuple[dict, dict]:
-        return tuple({node: index for index, node in enumerate(graph.nodes)} for graph in self.graphs)
-
-    def _evaluate(self, which: int, node: fx.Node, index: int, per_batch: list[dict], batches) -> list:
+    def evaluate(self, which: int, node: fx.Node, index: int, per_batch: list[dict], batches) -> list:
         """Evaluate ``node`` of model ``which`` for every batch, store and return the values."""
         root = self.roots[which]
         results = []
@@ -104,7 +100,7 @@ def frontier_bytes(graphs: LockstepGraphs, batches, probe_samples: int = 2) -> i
         if node.op == "output":
             break
         values = live
-        graphs._evaluate(1, node, index, [values], [(inputs, None)])
+        graphs.evaluate(1, node, index, [values], [(inputs, None)])
         peak = max(peak, sum(_tensor_bytes(value) for value in values.values()))
         for done in graphs.last_use.get(index, []):
             values.pop(done, None)
