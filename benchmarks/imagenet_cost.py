@@ -56,7 +56,7 @@ KEY_FUNCTIONS = (
     "recalibrate_batchnorm", "model_summary", "count_macs", "top_loss_eigenvalues", "build_dependency_graph",
     "channel_groups", "consumer_grams", "merge_group", "remove_channels", "latency_before_after", "solve_layers",
     "choose_within_units", "conjugate_gradient_merge", "_solve_directly", "latency_aware_kept", "refit_layers",
-    "frontier_bytes", "_refit_in_one_pass", "_refit_by_stopped_forwards",
+    "frontier_profile", "_refit_in_one_pass", "_refit_by_stopped_forwards",
     # inside the merges: the damped G's inverse per layer, gathering each unit's system, the batched solves
     "_inverse", "submatrices", "inverse_submatrices", "times", "inverse_times", "_padded_solve",
 )
@@ -200,12 +200,11 @@ def profile_one(name: str, count: int, mode: str, args, cycle: int | None = None
             if mode == "statistics":  # the stage that grows with the calibration set, alone
                 camphive.curvature.layer_input_covariances(model, batches)
             else:
-                budget = refit_module.FRONTIER_BUDGET
-                refit_module.FRONTIER_BUDGET = 0 if mode.endswith("per-layer") else budget
+                refit_module.ONE_PASS = not mode.endswith("per-layer")
                 try:
                     camphive.prune(model, batches, **options)
                 finally:
-                    refit_module.FRONTIER_BUDGET = budget
+                    refit_module.ONE_PASS = True
     except _CycleDone:
         pass
     except _OutOfTime:

@@ -260,7 +260,7 @@ def test_one_pass_and_stopped_forwards_refit_a_residual_net_alike(monkeypatch):
     batches = _batches((1, 10, 10), count=2, size=16)
     by_pass = copy.deepcopy(pruned)
     record = refit_layers(by_pass, dense, batches, alive, DAMPING)
-    monkeypatch.setattr(refit, "FRONTIER_BUDGET", 0)  # the activations "do not fit": stopped forwards
+    monkeypatch.setattr(refit, "ONE_PASS", False)
     by_layer = copy.deepcopy(pruned)
     fallback = refit_layers(by_layer, dense, batches, alive, DAMPING)
     assert record["passes"] == "one forward of each model" and fallback["passes"] == "stopped forwards per layer"
@@ -268,6 +268,38 @@ def test_one_pass_and_stopped_forwards_refit_a_residual_net_alike(monkeypatch):
     for (name, fitted), (_, expected) in zip(by_pass.named_parameters(), by_layer.named_parameters()):
         assert torch.allclose(fitted, expected, atol=1e-5), name
     assert any(not torch.equal(a, b) for a, b in zip(by_pass.parameters(), pruned.parameters()))
+
+
+def test_activations_over_the_budget_refit_the_first_layers_on_the_batches_that_fit(monkeypatch):
+    """With a budget that the frontier of all batches passes in the first layers, the pass takes one batch through
+    them and the other batches join where all fit: the layers before that point are refitted exactly as a refit on
+    the first batch alone, the others exactly as a refit on all batches of the model so refitted."""
+    from camphive import models
+    from camphive.pruning.unstructured import refit
+    from camphive.pruning.unstructured.refit_graph import LockstepGraphs, frontier_profile, plan_pass
+
+    torch.manual_seed(0)
+    dense = models.create("resnet20", num_classes=4, in_channels=1).eval()
+    pruned, alive = _masked_copy(dense, 0.7)
+    batches = _batches((1, 10, 10), count=3, size=8)
+    graphs = LockstepGraphs(copy.deepcopy(pruned), dense)
+    profile = frontier_profile(graphs, batches)
+    budget = max(profile[len(profile) // 2:]) * 24  # all 24 samples fit from the middle on, not at the start
+    first, switch = plan_pass(profile, batches, budget)
+    assert first == 1 and 0 < switch <= len(profile) // 2
+    position = {node.target: index for index, (node, _) in enumerate(graphs.nodes) if node.op == "call_module"}
+    early = {name: mask for name, mask in alive.items() if position[name.rpartition(".")[0]] < switch}
+    assert 0 < len(early) < len(alive)
+
+    expected = copy.deepcopy(pruned)
+    refit_layers(expected, dense, batches[:1], early, DAMPING)
+    refit_layers(expected, dense, batches, {name: mask for name, mask in alive.items() if name not in early}, DAMPING)
+    monkeypatch.setattr(refit, "FRONTIER_BUDGET", budget)
+    record = refit_layers(pruned, dense, batches, alive, DAMPING)
+    assert record["first_layers"] == {"layers": len(early), "samples": 8, "samples_of": 24}
+    assert record["passes"] == "one forward of each model" and record["layers"] == len(alive)
+    for (name, fitted), (_, wanted) in zip(pruned.named_parameters(), expected.named_parameters()):
+        assert torch.allclose(fitted, wanted, atol=1e-5), name
 
 
 class _BranchesOnData(nn.Module):

@@ -15,14 +15,15 @@ it; then ``b = E[y] - E[x]^T w``. Layers are refitted one after the other, never
 corrects for the errors of the layers before it, so refitting them together would correct the same
 error twice (measured: accuracy falls apart).
 
-How the statistics are read: where both models trace with ``torch.fx`` and their activations over all
-calibration batches fit in ``FRONTIER_BUDGET`` bytes, in ONE forward pass of each model, evaluated node by
-node over all batches, each layer refitted when the pass reaches it
-(:mod:`~camphive.pruning.unstructured.refit_graph`); otherwise from forwards of both models stopped at
-each layer in turn, about ``L / 2`` forward passes of each for ``L`` layers. Either way one Gram and one
-weight-gradient-shaped product per layer, and one more copy of the model's weights for the reference. A
-layer called more than once in a forward is refitted on its first call (the later calls use the refitted
-weights). Under torchrun the statistics are summed over processes.
+How the statistics are read: where both models trace with ``torch.fx``, in ONE forward pass of each model,
+evaluated node by node over the calibration batches together, each layer refitted when the pass reaches it
+(:mod:`~camphive.pruning.unstructured.refit_graph`). The activations held stay within ``FRONTIER_BUDGET``
+bytes: where those of all batches would not fit, the first layers (where activations are large) are refitted on
+as many batches as fit, and the layers from the first point where all batches fit on all of them. A model that
+does not trace is read from forwards of both models stopped at each layer in turn, about ``L / 2`` forward passes
+of each for ``L`` layers. Either way one Gram and one weight-gradient-shaped product per layer, and one more
+copy of the model's weights for the reference. A layer called more than once in a forward is refitted on its
+first call (the later calls use the refitted weights). Under torchrun the statistics are summed over processes.
 
 With channels removed (structured pruning) ``rows`` names, for each layer, the reference's output
 channels it still produces; every weight is kept (``alive`` all true).
@@ -36,18 +37,19 @@ import torch
 from torch import nn
 
 from camphive.curvature.gram import GramSums, padded_2d
-from camphive.distributed import all_reduce_tensors
+from camphive.distributed import all_reduce_int, all_reduce_tensors
 from camphive.errors import ConfigError
 from camphive.pruning.core.unit_curvature import ReconstructionCurvature, unit_matrix
 from camphive.pruning.unstructured.layer_solvers import forward_order
 from camphive.pruning.unstructured.merging import least_squares_merge
-from camphive.pruning.unstructured.refit_graph import LockstepGraphs, frontier_bytes
+from camphive.pruning.unstructured.refit_graph import LockstepGraphs, frontier_profile, plan_pass
 
 log = logging.getLogger("camphive.pruning")
 
 
 REFITTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)  # other layers keep their merged weights
-FRONTIER_BUDGET = 4 * 2**30  # bytes of activations the one-pass refit may hold (else stopped forwards per layer)
+FRONTIER_BUDGET = 4 * 2**30  # bytes of activations the one-pass refit may hold for all batches together
+ONE_PASS = True  # False: always the stopped forwards (to compare the two ways)
 
 
 class _Reached(Exception):
@@ -59,7 +61,9 @@ def refit_layers(model: nn.Module, reference: nn.Module, batches, alive: dict[st
                  solver: str = "auto", rows: dict[str, torch.Tensor] | None = None) -> dict:
     """Refit the kept weights of the layers whose weights ``alive`` names (``{"<module>.weight": bool mask}``)
     in ``model``, in place; returns ``{"layers": count refitted, "seconds": wall time, "passes": how the
-    statistics were read}`` ("one forward of each model" or "stopped forwards per layer").
+    statistics were read}`` ("one forward of each model" or "stopped forwards per layer"), and where the first
+    layers saw fewer batches than the others, ``"first_layers"``: ``{"layers": how many, "samples": how many of
+    "samples_of"}``.
 
     ``rows`` (a model whose channels were removed): ``{module name: int64 indices}``, the reference
     layer's output channels that the layer's outputs are, in order (a layer not named: all of them)."""
@@ -85,44 +89,56 @@ def refit_layers(model: nn.Module, reference: nn.Module, batches, alive: dict[st
     model.eval()
     reference.eval()
     try:
-        graphs = _lockstep_graphs(model, reference, batches) if layers else None
-        if graphs is not None:
-            refitted, passes = _refit_in_one_pass(graphs, batches, layers, fit), "one forward of each model"
+        lockstep = _lockstep_graphs(model, reference, batches) if layers else None
+        if lockstep is not None:
+            refitted, first_layers = _refit_in_one_pass(*lockstep, batches, layers, fit)
+            extra = {"passes": "one forward of each model", **first_layers}
         else:
-            refitted, passes = _refit_by_stopped_forwards(model, reference, batches, layers, references, fit), \
-                "stopped forwards per layer"
+            extra = {"passes": "stopped forwards per layer"}
+            refitted = _refit_by_stopped_forwards(model, reference, batches, layers, references, fit)
     finally:
         model.train(training[0])
         reference.train(training[1])
-    return {"layers": refitted, "seconds": time.perf_counter() - started, "passes": passes}
+    return {"layers": refitted, "seconds": time.perf_counter() - started, **extra}
 
 
-def _lockstep_graphs(model: nn.Module, reference: nn.Module, batches) -> LockstepGraphs | None:
-    """Both models' traced graphs, or None where they cannot be traced alike or their frontier would not fit."""
-    try:
-        graphs = LockstepGraphs(model, reference)
-        needed = frontier_bytes(graphs, batches)
-    except Exception as error:  # noqa: BLE001 - any tracing failure means: read the layers one by one
-        log.debug("refit by stopped forwards: %s", error)
+def _lockstep_graphs(model: nn.Module, reference: nn.Module, batches) -> tuple[LockstepGraphs, tuple] | None:
+    """Both models' traced graphs and the plan of their pass within ``FRONTIER_BUDGET``, or None where they cannot
+    be traced and run alike (on any process under torchrun)."""
+    found = None
+    if ONE_PASS:
+        try:
+            graphs = LockstepGraphs(model, reference)
+            found = graphs, plan_pass(frontier_profile(graphs, batches), batches, FRONTIER_BUDGET)
+        except Exception as error:  # noqa: BLE001 - any tracing failure means: read the layers one by one
+            log.info("refit by stopped forwards per layer: the models do not trace alike (%s)", error)
+    if not all_reduce_int(int(found is not None), "min"):  # every process reads the layers the same way
         return None
-    if needed > FRONTIER_BUDGET:
-        log.info("refit by stopped forwards per layer: one pass would hold %.1f GiB of activations", needed / 2**30)
-        return None
-    return graphs
+    return found
 
 
-def _refit_in_one_pass(graphs: LockstepGraphs, batches, layers: dict, fit) -> int:
+def _refit_in_one_pass(graphs: LockstepGraphs, plan: tuple[int, int], batches, layers: dict, fit) -> tuple[int, dict]:
     by_module = {name.rpartition(".")[0]: name for name in layers}
+    first = plan[0]
     reached: set[str] = set()
-    refitted = []
+    refitted, before_switch = [], []
 
     def on_layer(module_name: str, inputs: list, targets: list) -> None:
         reached.add(module_name)
+        if len(inputs) < len(batches):
+            before_switch.append(module_name)
         if fit(by_module[module_name], zip(inputs, targets)):
             refitted.append(module_name)
 
-    graphs.run(batches, on_layer, lambda module_name: module_name in by_module and module_name not in reached)
-    return len(refitted)
+    graphs.run(batches, on_layer, lambda module_name: module_name in by_module and module_name not in reached,
+               plan=plan)
+    if not before_switch:
+        return len(refitted), {}
+    samples = [int(batch[0].shape[0]) for batch in batches]
+    log.info("refit: the first %d layers on %d of %d calibration samples (their activations for all would pass "
+             "%.1f GiB)", len(before_switch), sum(samples[:first]), sum(samples), FRONTIER_BUDGET / 2**30)
+    return len(refitted), {"first_layers": {"layers": len(before_switch), "samples": sum(samples[:first]),
+                                            "samples_of": sum(samples)}}
 
 
 def _refit_by_stopped_forwards(model, reference, batches, layers: dict, references: dict, fit) -> int:
