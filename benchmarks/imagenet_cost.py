@@ -4,10 +4,10 @@ Prunes ImageNet-shaped models on synthetic 3x224x224 images (seeded normal noise
 the cost of pruning does not depend on what the images show) with the defaults a new user gets:
 CAMP-HiVe unstructured at sparsity 0.9 (``camphive.prune(model, calib, sparsity=0.9)``), SparseGPT
 at the same sparsity (``criterion="sparsegpt"``, the strongest one-shot peer, for scale) and
-CAMP-HiVe structured at 2x fewer MACs (``mode="structured", target_macs_ratio=2.0``); modes ``refit`` and
-``structured-refit`` add the opt-in ``refit=True`` to the unstructured and structured runs (``refit-per-layer``
-and ``structured-refit-per-layer``: the same, reading the layers by forwards stopped at each one, as the refit does
-where the one pass does not fit or trace). For each model
+CAMP-HiVe structured at 2x fewer MACs (``mode="structured", target_macs_ratio=2.0``), both with the refit
+after the last cycle (their default since 2026-12-02); ``unstructured-no-refit`` and ``structured-no-refit``
+without it (the defaults before), ``refit-per-layer`` and ``structured-refit-per-layer`` the defaults with the
+refit reading the layers by forwards stopped at each one (as it does for models that do not trace). For each model
 and calibration set one summary table puts them side by side with one no-grad forward pass over the
 same images: seconds, seconds in forward passes, ratio to SparseGPT and peak memory. Each key function of the pipeline runs inside a :class:`camphive.profiling.StageProfile`
 stage (wrapped where it is looked up, so the table follows the code wherever it lives; a stage
@@ -61,22 +61,27 @@ KEY_FUNCTIONS = (
     "_inverse", "submatrices", "inverse_submatrices", "times", "inverse_times", "_padded_solve",
 )
 MODES = {  # the options of each run; everything else is the default a new user gets
-    "unstructured": {"sparsity": 0.9},
+    "unstructured": {"sparsity": 0.9},  # since 2026-12-02: one cycle, then the refit
     "sparsegpt": {"sparsity": 0.9, "criterion": "sparsegpt"},
-    "refit": {"sparsity": 0.9, "refit": True},  # the opt-in layer-by-layer refit after the last cycle
-    "structured": {"mode": "structured", "target_macs_ratio": 2.0},
+    "unstructured-no-refit": {"sparsity": 0.9, "refit": False},  # three cycles: the default before 2026-12-02
+    "refit": {"sparsity": 0.9, "cycles": 3, "refit": True},  # three cycles and the refit, as first measured
+    "structured": {"mode": "structured", "target_macs_ratio": 2.0},  # the refit included since 2026-12-02
+    "structured-no-refit": {"mode": "structured", "target_macs_ratio": 2.0, "refit": False},
     "structured-refit": {"mode": "structured", "target_macs_ratio": 2.0, "refit": True},
-    # the same two refits reading the layers by forwards stopped at each one (what they fall back to)
-    "refit-per-layer": {"sparsity": 0.9, "refit": True},
-    "structured-refit-per-layer": {"mode": "structured", "target_macs_ratio": 2.0, "refit": True},
+    # the defaults reading the layers for the refit by forwards stopped at each one (models that do not trace)
+    "refit-per-layer": {"sparsity": 0.9},
+    "structured-refit-per-layer": {"mode": "structured", "target_macs_ratio": 2.0},
     "statistics": {},  # only the layer input second moments G of every prunable layer, as one cycle computes them
 }
 LABELS = {"unstructured": "CAMP-HiVe unstructured, sparsity 0.9 (default)", "sparsegpt": "SparseGPT, sparsity 0.9",
-          "refit": "CAMP-HiVe unstructured, sparsity 0.9, refit=True",
+          "unstructured-no-refit": "CAMP-HiVe unstructured, sparsity 0.9, refit=False (3 cycles)",
+          "refit": "CAMP-HiVe unstructured, sparsity 0.9, 3 cycles, refit=True",
           "structured": "CAMP-HiVe structured, 2x fewer MACs (default)",
+          "structured-no-refit": "CAMP-HiVe structured, 2x fewer MACs, refit=False",
           "structured-refit": "CAMP-HiVe structured, 2x fewer MACs, refit=True",
-          "refit-per-layer": "CAMP-HiVe unstructured, sparsity 0.9, refit=True by stopped forwards per layer",
-          "structured-refit-per-layer": "CAMP-HiVe structured, 2x fewer MACs, refit=True by stopped forwards per layer",
+          "refit-per-layer": "CAMP-HiVe unstructured, sparsity 0.9 (default), refit by stopped forwards per layer",
+          "structured-refit-per-layer": "CAMP-HiVe structured, 2x fewer MACs (default), refit by stopped forwards "
+                                        "per layer",
           "statistics": "layer statistics G of every layer, once"}
 GIB = 2**30
 
@@ -329,9 +334,8 @@ def main(argv=None) -> None:
                         help="comma-separated: resnet18-imagenet, mobilenetv2-imagenet, resnet50-imagenet, ...")
     parser.add_argument("--sizes", default="128,256", help="comma-separated calibration set sizes (images)")
     parser.add_argument("--modes", default="unstructured,sparsegpt,structured",
-                        help="comma-separated, run in this order: unstructured, sparsegpt, refit, structured, "
-                             "structured-refit, refit-per-layer, structured-refit-per-layer, statistics (G "
-                             "of every layer alone: what grows with the images)")
+                        help="comma-separated, run in this order: " + ", ".join(MODES) + " (statistics: G of "
+                             "every layer alone, what grows with the images)")
     parser.add_argument("--batch-size", type=int, default=128, help="calibration batch size (the CLI's default)")
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the target machine has 2 cores)")

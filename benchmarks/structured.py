@@ -10,8 +10,8 @@ Sections (``--sections``):
   here or read from the cache), every criterion at each MACs reduction (``--ratios``):
   accuracy right after pruning, after BatchNorm recalibration on the calibration images, and
   after a short fine-tune; plus CPU latency of the pruned shapes (batch 1 and 64). ``--refit`` adds
-  each criterion with ``refit=True``, whose "right after pruning" is the library's output (BN
-  re-estimated, then the refit).
+  each criterion with the refit flipped from its default (camp-hive refits by default, the peers do not);
+  with the refit "right after pruning" is the library's output (BN re-estimated, then the refit).
 * ``latency``: the latency part of ``criteria`` alone (L1-pruned shapes, with the same rounding
   levers as ``speed``), for re-timing.
 * ``speed``: resnet56 at CIFAR size (3x32x32, untrained: MACs and latency only) at each
@@ -48,6 +48,8 @@ from camphive.export import export_onnx, fold_batchnorm  # noqa: E402
 from camphive.measure import count_macs, count_parameters, measure_latency, measure_onnx_latency  # noqa: E402
 from camphive.measure.layer_timing import RUNTIMES  # noqa: E402
 from camphive.pruning.core.batchnorm import recalibrate_batchnorm  # noqa: E402
+from camphive.pruning.criteria import is_camp_hive  # noqa: E402
+from camphive.pruning.settings import settings_for  # noqa: E402
 from camphive.pruning.structured.prune import prune_structured  # noqa: E402
 from camphive.training import evaluate, finetune  # noqa: E402
 
@@ -59,6 +61,7 @@ METHOD_MERGES = [
     ("pair, coupled, beta from weights", {"merge": "pair", "pairing": "coupled", "beta_from": "weights"}),
     ("least squares", {"merge": "least_squares"}),
 ]
+# (each row with the library's defaults: camp-hive with its refit, the peers without)
 ABLATIONS = {"camp-hive, no merge": ("camp-hive", {"merge": "none"}),
              "camp-hive, summed per-weight scores": ("camp-hive", {"channel_score": "summed"}),
              "magnitude + least-squares merge": ("magnitude", {"merge": "least_squares"}),
@@ -90,9 +93,10 @@ class Evaluation:
 
     def prune_and_measure(self, dense, criterion: str, options: dict, finetune_epochs: int) -> dict:
         model = copy.deepcopy(dense)
-        # "right after pruning" is without BN re-estimation, except with the refit: that row is the library's
-        # own order (BN re-estimated after the cycle, then the refit), which the refit's fit depends on
-        options = {"recalibrate_bn": bool(options.get("refit")), **options}
+        # "right after pruning" is without BN re-estimation, except with the refit (camp-hive's default): that row
+        # is the library's own order (BN re-estimated after the cycle, then the refit), which the refit depends on
+        refit = settings_for("structured", criterion=criterion, **options).refit
+        options = {"recalibrate_bn": refit, **options}
         result = prune_structured(model, self.calibration, criterion=criterion, measure_latency=False,
                                   seed=self.args.seed, **options)
         row = {"pruned": self.accuracy(model), "macs_ratio": result.extra["macs_ratio"],
@@ -157,8 +161,9 @@ def criteria_section(args, evaluation: Evaluation) -> tuple[str, list[str]]:
         table: dict[str, dict[float, dict]] = {}
         shapes: dict[float, torch.nn.Module] = {}
         rows = [(c, c, {}, ratios) for c in criteria]
-        if args.refit:
-            rows += [(f"{c}, refit", c, {"refit": True}, ratios) for c in criteria]
+        if args.refit:  # the other side of each criterion's default: camp-hive refits by default, the peers do not
+            rows += [(f"{c}, no refit", c, {"refit": False}, ratios) if is_camp_hive(c) else
+                     (f"{c}, refit", c, {"refit": True}, ratios) for c in criteria]
         if args.ablations:  # ablations at the goal's ratio only (2x), to keep the budget
             goal_ratio = [r for r in ratios if r == 2.0] or ratios[:1]
             rows += [(label, c, o, goal_ratio) for label, (c, o) in ABLATIONS.items()]
@@ -373,9 +378,9 @@ def main(argv=None) -> None:
                         help="latency: also time the latency-aware shapes whose search timed the layers in this "
                              "runtime (prune's latency_runtime)")
     parser.add_argument("--refit", action="store_true",
-                        help="criteria: add a '<criterion>, refit' row for every criterion (refit=True: BN re-estimated, "
-                             "then every layer refitted to the dense model's outputs; its 'right after pruning' is "
-                             "after both)")
+                        help="criteria: add each criterion with the refit flipped from its default: 'camp-hive, no "
+                             "refit', '<peer>, refit' (refit=True: BN re-estimated, then every layer refitted to the "
+                             "dense model's outputs; its 'right after pruning' is after both)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-write", dest="write", action="store_false", help="print only, leave RESULTS.md alone")

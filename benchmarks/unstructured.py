@@ -72,10 +72,12 @@ ABLATION = {
     # against a direct factorisation for every unit (the default before 2026-12-01's second session) and CG for all.
     "camp-hive, merge solved directly": dict(criterion="camp-hive", merge_solver="direct"),
     "camp-hive, merge by conjugate gradients": dict(criterion="camp-hive", merge_solver="cg"),
-    # The layer-by-layer refit to the unpruned model's outputs after the last cycle (refit=True), for every criterion.
-    **{f"{name}, refit": dict(criterion=name, refit=True) for name in ("camp-hive", "magnitude", "obd", "wanda",
-                                                                       "sparsegpt")},
+    # The layer-by-layer refit to the unpruned model's outputs after the last cycle (refit=True), for the peers, which
+    # do without it by default; CAMP-HiVe's default since 2026-12-02 is one cycle with it, after three without it.
+    **{f"{name}, refit": dict(criterion=name, refit=True) for name in ("magnitude", "obd", "wanda", "sparsegpt")},
+    "camp-hive, refit": dict(criterion="camp-hive", cycles=3, refit=True),  # three cycles, as measured before then
     "camp-hive, 1 cycle, refit": dict(criterion="camp-hive", cycles=1, refit=True),
+    "camp-hive, 3 cycles, no refit": dict(criterion="camp-hive", cycles=3, refit=False),
     "wanda, global selection": dict(criterion="wanda", selection="global"),
     "wanda, per-layer selection": dict(criterion="wanda", selection="layer"),
 }

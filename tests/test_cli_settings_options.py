@@ -62,7 +62,8 @@ def _app_with(fields: dict):
 
 
 def test_a_new_settings_field_is_an_option_with_no_cli_edit():
-    fields = setting_fields([_Extended], only=("warp", "fast", "shapes", "hint", "cycles", "ignored_layers"))
+    fields = setting_fields([_Extended], only=("warp", "fast", "shapes", "hint", "cycles", "ignored_layers",
+                                                 "refit"))
     app, received = _app_with(fields)
     runner = CliRunner()
     result = runner.invoke(app, ["command", "--warp", "0.75", "--no-fast", "--shapes", "3,4", "--hint", "h",
@@ -76,7 +77,8 @@ def test_a_new_settings_field_is_an_option_with_no_cli_edit():
     text = re.sub(r"\x1b\[[0-9;]*m", "", runner.invoke(app, ["command", "--help"], env={"COLUMNS": "200"}).output)
     for expected in ("--warp", "Warp factor (default: 0.5).", "--fast", "Go fast.", "--no-fast", "Go slow (default).",
                      "Shapes (default: 1,2).", "--hint", "Hint (default: resolved per criterion).",
-                     "(default: 3 for camp-hive unstructured, else 1)"):
+                     "(default: 1; camp-hive unstructured without the refit: 3)",
+                     "(default: on for camp-hive"):
         assert expected in text, (expected, text)
 
 

@@ -74,7 +74,8 @@ def prune_gradually(model: nn.Module, train_data, calib_data, sparsity: float, *
     steps on the cubic schedule (module docstring). ``lr``, ``device``, ``seed``, ``batch_size``,
     ``eval_data`` and ``train_options`` (momentum, weight_decay, schedule, ...) go to
     :func:`camphive.train`; ``prune_options`` (criterion, merge, min_keep, ...) to each cycle of
-    :func:`camphive.prune` (unstructured; ``cycles`` and ``schedule`` are this function's).
+    :func:`camphive.prune` (unstructured; ``cycles`` and ``schedule`` are this function's; ``refit`` is off
+    unless passed: the training between steps recovers, and a refit per step would cost a forward pass more).
     ``on_pruning_step(record)`` after each pruning step.
 
     Returns ``(result, trained)``: a :class:`PruneResult` whose ``cycles`` are the pruning steps
@@ -90,7 +91,8 @@ def prune_gradually(model: nn.Module, train_data, calib_data, sparsity: float, *
                           "and then fine-tune")
     if dist_tools.resolve(None):
         raise ConfigError("gradual pruning runs in one process; run it without torchrun")
-    settings = settings_for("unstructured", sparsity=sparsity, cycles=1, seed=seed, **prune_options)
+    settings = settings_for("unstructured", sparsity=sparsity, cycles=1, seed=seed,
+                            **{"refit": False, **prune_options})
     if epochs < 1:
         raise ConfigError(f"gradual pruning prunes while training; pass epochs >= 1, got {epochs}")
     alive = {name: (masks[name].bool() if masks and name in masks else torch.ones_like(p, dtype=torch.bool))

@@ -42,9 +42,13 @@ from tests.pruning.cases import image_batches, tiny_cnn  # noqa: E402
 
 def test_settings_are_frozen_resolved_and_checked_on_construction():
     settings = UnstructuredSettings(sparsity=0.9)
-    assert (settings.merge, settings.cycles, settings.loss_weighting, settings.spectrum_top_k) == \
-        ("least_squares", 3, "batchnorm", 0)  # CAMP-HiVe's measured defaults; no sharpness report by default
-    assert UnstructuredSettings(sparsity=0.9, criterion="magnitude").merge == "none"
+    assert (settings.merge, settings.cycles, settings.refit, settings.loss_weighting, settings.spectrum_top_k) == \
+        ("least_squares", 1, True, "batchnorm", 0)  # CAMP-HiVe's measured defaults; no sharpness report by default
+    assert UnstructuredSettings(sparsity=0.9, refit=False).cycles == 3  # without the refit, three cycles
+    magnitude = UnstructuredSettings(sparsity=0.9, criterion="magnitude")
+    assert (magnitude.merge, magnitude.refit, magnitude.cycles) == ("none", False, 1)  # the peers' published form
+    assert StructuredSettings(target_macs_ratio=2.0).refit and not StructuredSettings(target_macs_ratio=2.0,
+                                                                                      criterion="tp-taylor").refit
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.sparsity = 0.5
     with pytest.raises(ConfigError, match="unknown merge 'lsq'; use one of"):

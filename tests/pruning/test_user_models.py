@@ -98,9 +98,14 @@ def test_channels_only_an_lstm_reads_are_scored_not_removed_in_index_order():
     original = model.inp.weight.detach().clone()
     generator = torch.Generator().manual_seed(1)
     data = [(torch.randn(16, 5, 4, generator=generator), torch.randint(0, 4, (16,), generator=generator))]
-    prune(model, data, 0.5, mode="structured", measure_latency=False)
+    reference = copy.deepcopy(model)
+    prune(model, data, 0.5, mode="structured", measure_latency=False, refit=False)
     assert torch.equal(model.inp.weight.detach(), original[0::2])  # the odd (weak) channels went
     assert model.lstm.input_size == 8 and model(data[0][0]).shape == (16, 4)
+    # the default refit fits the linear layers' last dimension (their channels), on sequences too
+    result = prune(reference, data, 0.5, mode="structured", measure_latency=False)
+    assert result.extra["refit"]["layers"] == 2 and reference.lstm.input_size == 8
+    assert torch.isfinite(reference(data[0][0])).all()
 
 
 def test_integer_input_models_are_pruned_and_latency_says_why_it_was_not_timed():

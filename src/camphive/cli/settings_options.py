@@ -82,7 +82,8 @@ def option_parameters(field: dataclasses.Field, note: str | None = None) -> list
 
     if _kinds(field) == ["bool"]:
         default = field.default if field.default is not None else meta.get("default")
-        on_help = _sentence(described, " (default)" if default is True else "")
+        on_help = _sentence(described, " (default)" if default is True else
+                            f" (default: {default})" if isinstance(default, str) else "")
         off_help = _sentence(meta.get("off_help", f"Turn {name.replace('_', ' ')} off"), " (default)" if default is False else "")
         return [parameter(name, typer.Option(None, flag, help=on_help, rich_help_panel=panel), Optional[bool]),
                 parameter(f"no_{name}", typer.Option(False, f"--no-{flag[2:]}", help=off_help, rich_help_panel=panel),

@@ -24,8 +24,8 @@ def prune(model, calib_data, sparsity: float | None = None, *, mode: str = "unst
 
     ``masks`` (unstructured): weights already pruned. ``example_inputs``: one sample for MACs
     (default: the first calibration sample). Resuming: see
-    :func:`camphive.pruning.core.driver.run_cycles`. ``reference`` (``refit=True``): the unpruned model the
-    refit matches (default: a copy of ``model`` as passed).
+    :func:`camphive.pruning.core.driver.run_cycles`. ``reference`` (with the refit, camp-hive's default): the unpruned
+    model the refit matches (default: a copy of ``model`` as passed).
     """
     from camphive.pruning.structured.prune import prune_structured
     from camphive.pruning.unstructured.prune import prune_unstructured

@@ -23,9 +23,11 @@ class PruneResult:
     eigenvalues before and after, unstructured ``spectrum_top_k`` > 0; empty by default) and,
     structured, latency before and after (``extra["latency"]``, ``measure_latency``; ``None`` when
     off). With an N:M ``pattern`` (unstructured), ``extra["dense_layers"]`` names the layers the
-    pattern does not fit, left dense (``{parameter name: why}``). With ``refit=True`` (either mode),
-    ``extra["refit"]`` holds the layers refitted, the refit's wall seconds and how it read the layers
-    (``passes``: "one forward of each model" or "stopped forwards per layer"). Not measured here: accuracy
+    pattern does not fit, left dense (``{parameter name: why}``). With the refit (``refit``, on by
+    default for camp-hive in either mode), ``extra["refit"]`` holds the layers refitted, the refit's wall
+    seconds, how it read the layers (``passes``: "one forward of each model" or "stopped forwards per layer")
+    and, where the activations of all calibration batches did not fit in memory, ``first_layers``: how many
+    layers, refitted first, saw how many of the samples. Not measured here: accuracy
     (evaluate the model: ``camphive.evaluate``) and the latency of unstructured models (masks do
     not make dense kernels faster).
     """

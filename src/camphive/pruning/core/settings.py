@@ -34,16 +34,17 @@ class PruneSettings:
     random choice. ``refit``: after the last cycle, refit every conv and linear layer's kept weights (and
     bias; unstructured: masks fixed) to the unpruned model's output of that layer (structured: of the
     output channels it kept), layer after layer in the order the model runs them, any criterion
-    (:mod:`~camphive.pruning.unstructured.refit`; off by default: it costs one forward pass of the pruned
-    and the unpruned model plus each layer's statistics where both trace with torch.fx and their
-    activations fit in memory, else about L/2 passes of each for L layers).
+    (:mod:`~camphive.pruning.unstructured.refit`; on by default for camp-hive, off for the other criteria, which
+    keep their published form: it costs one forward pass of the pruned and the unpruned model plus each layer's
+    statistics, or about L/2 passes of each for L layers where the models do not trace with torch.fx).
     """
 
     criterion: object = dataclasses.field(default="camp-hive", metadata={
         "help": "camp-hive, magnitude, random, taylor, obd, hutchinson, wanda; unstructured also sparsegpt, obc; "
                 "structured also tp-magnitude, tp-taylor, tp-hessian", "panel": "Pruning"})
     cycles: int | None = dataclasses.field(default=None, metadata={
-        "help": "Pruning rounds, curvature re-estimated in each", "default": "3 for camp-hive unstructured, else 1",
+        "help": "Pruning rounds, curvature re-estimated in each",
+        "default": "1; camp-hive unstructured without the refit: 3",
         "min": 1, "panel": "Pruning"})
     merge: str | None = dataclasses.field(default=None, metadata={
         "help": "Unstructured: curvature, half, none or least_squares; structured: least_squares, pair or none",
@@ -57,11 +58,11 @@ class PruneSettings:
         "off_help": "Keep the BatchNorm statistics", "panel": "Pruning"})
     ignored_layers: object = dataclasses.field(default=None, metadata={
         "help": "Comma-separated module names to leave unpruned", "default": "", "items": str, "panel": "Pruning"})
-    refit: bool = dataclasses.field(default=False, metadata={
+    refit: bool | None = dataclasses.field(default=None, metadata={
         "help": "After the last cycle, refit each layer's kept weights (and bias) to the unpruned model's outputs, "
                 "layer after layer: one more forward pass of both models and each layer's statistics "
-                "(about L/2 passes of each for L layers where the models do not trace or fit in memory)",
-        "off_help": "No refit", "panel": "Pruning"})
+                "(about L/2 passes of each for L layers where the models do not trace with torch.fx)",
+        "default": "on for camp-hive, off for the other criteria", "off_help": "No refit", "panel": "Pruning"})
     num_batches: int | None = None
     seed: int = 0
     score: str | None = dataclasses.field(default=None, metadata={

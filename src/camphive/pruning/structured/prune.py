@@ -61,7 +61,7 @@ from camphive.pruning.structured.latency_allocation import latency_aware_kept
 from camphive.pruning.structured.merging import consumer_grams, merge_group, norms_after
 from camphive.pruning.structured.report import cost_summary, latency_before_after, layer_sparsity, out_channels
 from camphive.pruning.structured.settings import StructuredSettings
-from camphive.pruning.unstructured.refit import REFITTED_TYPES, refit_layers
+from camphive.pruning.unstructured.refit import NOTHING_TO_REFIT, REFITTED_TYPES, refit_layers
 
 log = logging.getLogger("camphive.pruning")
 
@@ -85,7 +85,7 @@ def prune_structured(model: nn.Module, calib_data, sparsity: float | None = None
     latency (``None`` when not measured; ``{"skipped": reason}`` for models whose inputs are
     not one floating-point tensor, or a resumed run). Groups read by a GroupNorm lose as many
     channels from each of its groups, and keep a multiple of its group count. ``reference``
-    (``refit=True``): the unpruned model whose layer outputs the refit matches; default a copy of
+    (with the refit, camp-hive's default): the unpruned model whose layer outputs the refit matches; default a copy of
     ``model`` as passed (pass the unpruned model when resuming).
     """
     settings = resolve_settings("structured", settings, options, sparsity)
@@ -98,8 +98,8 @@ def prune_structured(model: nn.Module, calib_data, sparsity: float | None = None
         raise ConfigError(f"start_cycle {start_cycle} needs the resume_state of cycle {start_cycle} (and must be "
                           f"within the {settings.cycles} cycles); pass both, or neither")
     if settings.refit and resume_state is not None and reference is None:
-        raise ConfigError("a resumed refit=True run needs the unpruned model as reference= (the model passed has "
-                          "lost channels already); pass it, or resume without the refit")
+        raise ConfigError("a resumed run with the refit (on by default for camp-hive) needs the unpruned model as "
+                          "reference= (the model passed has lost channels already); pass it, or pass refit=False")
     latency_skipped = _latency_skip_reason(example) if settings.measure_latency else None
     if resume_state is not None and settings.measure_latency:
         latency_skipped = "a resumed run does not hold the original model; time it with camphive.measure_latency"
@@ -110,7 +110,8 @@ def prune_structured(model: nn.Module, calib_data, sparsity: float | None = None
     if settings.refit and reference is None:
         reference = original_model if original_model is not None else copy.deepcopy(model)
     history = run_cycles(model, batches, run, loss_fn=loss_fn, start_cycle=start_cycle, on_cycle_end=on_cycle_end)
-    refit = _refit(model, reference, batches, run) if settings.refit else {}
+    removed_any = any(run.kept.get(key, size) != size for key, size in run.original_sizes.items())
+    refit = (_refit(model, reference, batches, run) if removed_any else dict(NOTHING_TO_REFIT)) if settings.refit else {}
     after = cost_summary(model, run.macs_now)
     before = run.before
     final_sizes = {key: run.kept.get(key, size) for key, size in run.original_sizes.items()}

@@ -15,7 +15,7 @@ from camphive.pruning.structured.merging import BETA_SOURCES, FLATTEN_FITS, STRU
 # Defaults for CAMP-HiVe (baselines default to plain removal, merge="none"), chosen by measurement
 # (benchmarks/structured.py, benchmarks/RESULTS.md, docs/method.md).
 DEFAULTS = {"channel_score": "greedy_obs", "merge": "least_squares", "pairing": "coupled", "beta_from": "activations",
-            "flatten_fit": "shared", "intercept": False, "recalibrate_bn": True, "cycles": 1,
+            "flatten_fit": "shared", "intercept": False, "recalibrate_bn": True, "cycles": 1, "refit": True,
             # Kept channels in multiples of the CPU's float32 vector width (round_to: cpu_vector_floats(),
             # 16 with AVX-512, else 8) where a group had at least 16 (benchmarks/structured.py).
             "round_min_group": 16}
@@ -134,6 +134,7 @@ class StructuredSettings(PruneSettings):
         self._set("channel_score", self.channel_score or (DEFAULTS["channel_score"] if camp_hive else "summed"))
         self._set("merge", self.merge or (DEFAULTS["merge"] if camp_hive else "none"))
         self._set("cycles", self.cycles or DEFAULTS["cycles"])
+        self._set("refit", (DEFAULTS["refit"] and camp_hive) if self.refit is None else self.refit)
         for option in ("pairing", "beta_from", "flatten_fit", "intercept"):
             if getattr(self, option) is None:
                 self._set(option, DEFAULTS[option])

@@ -37,7 +37,7 @@ from camphive.pruning.unstructured.merging import least_squares_merge, merge_int
 from camphive.pruning.unstructured.pairing import make_pairs
 from camphive.pruning.unstructured.patterns import pattern_extra, pattern_layout, select_pattern
 from camphive.pruning.unstructured.recovery import recover
-from camphive.pruning.unstructured.refit import refit_layers
+from camphive.pruning.unstructured.refit import NOTHING_TO_REFIT, refit_layers
 from camphive.pruning.unstructured.selection import check_target_reachable, cycle_targets, select_to_prune
 from camphive.pruning.unstructured.settings import UnstructuredSettings
 
@@ -55,7 +55,7 @@ def prune_unstructured(model: nn.Module, calib_data, sparsity: float | None = No
     or a list of ``(inputs, targets)``). ``masks``: weights already pruned (True = kept), kept
     pruned. ``on_cycle_end(cycle, masks, record)`` after every cycle; a run stopped after cycle k
     continues exactly with ``masks=<those masks>, start_cycle=k`` on the model saved then.
-    ``reference`` (``refit=True``): the unpruned model whose layer outputs the refit matches; default a copy
+    ``reference`` (with the refit, camp-hive's default): the unpruned model whose layer outputs the refit matches; default a copy
     of ``model`` as passed (pass the unpruned model when resuming, so the refit matches it).
     """
     settings = resolve_settings("unstructured", settings, options, sparsity)
@@ -75,7 +75,9 @@ def prune_unstructured(model: nn.Module, calib_data, sparsity: float | None = No
         reference = copy.deepcopy(model)
     history = run_cycles(model, batches, run, loss_fn=loss_fn, start_cycle=start_cycle, on_cycle_end=on_cycle_end)
     refit = {}
-    if settings.refit:
+    if settings.refit and not any(bool((~mask).any()) for mask in run.alive.values()):
+        refit = dict(NOTHING_TO_REFIT)  # the model is still the unpruned one
+    elif settings.refit:
         log.info("refitting every layer to the unpruned model's outputs, layer after layer")
         refit = refit_layers(model, reference, batches, run.alive, settings.damping, settings.merge_solver or "auto")
         check_finite(model, "the refit")

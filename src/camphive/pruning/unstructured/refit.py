@@ -50,6 +50,7 @@ log = logging.getLogger("camphive.pruning")
 REFITTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)  # other layers keep their merged weights
 FRONTIER_BUDGET = 4 * 2**30  # bytes of activations the one-pass refit may hold for all batches together
 ONE_PASS = True  # False: always the stopped forwards (to compare the two ways)
+NOTHING_TO_REFIT = {"layers": 0, "seconds": 0.0, "passes": "none: nothing was pruned"}
 
 
 class _Reached(Exception):
@@ -77,8 +78,10 @@ def refit_layers(model: nn.Module, reference: nn.Module, batches, alive: dict[st
     def fit(name: str, pairs) -> bool:
         """Refit layer ``name`` from its (pruned inputs, reference outputs) per batch; False if it never ran."""
         statistics, kept_rows = _LayerStatistics(layers[name]), rows.get(name.rpartition(".")[0])
+        channel_dim = -1 if isinstance(layers[name], nn.Linear) else 1  # a linear layer's outputs: the last dim
         for seen, target in pairs:
-            statistics.add(seen, target if kept_rows is None else target[:, kept_rows.to(target.device)])
+            statistics.add(seen, target if kept_rows is None else
+                           target.index_select(channel_dim, kept_rows.to(target.device)))
         if statistics.cross is None:
             return False  # never run on the calibration batches: nothing to fit
         statistics.solve(name, alive[name], damping, solver)
@@ -279,6 +282,6 @@ def _positive_semidefinite(gram: torch.Tensor, damping: float) -> torch.Tensor:
 def _add(total: torch.Tensor | None, value: torch.Tensor | None) -> torch.Tensor | None:
     if value is None:
         return total
-    value = value.to(torch.float64)
+    value = value.to(torch.float64).contiguous()  # an expanded sum (every unit's input sums) becomes its own copy
     return value if total is None else total.add_(value)
 

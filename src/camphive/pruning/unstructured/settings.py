@@ -119,7 +119,9 @@ class UnstructuredSettings(PruneSettings):
             check_solver_settings(self)
         self._set("merge", self.merge or (DEFAULTS["merge"] if camp_hive else "none"))
         self._set("pairing", self.pairing or DEFAULTS["pairing"])
-        self._set("cycles", self.cycles or (DEFAULTS["cycles"] if camp_hive else 1))
+        self._set("refit", (DEFAULTS["refit"] and camp_hive) if self.refit is None else self.refit)
+        cycles = DEFAULTS["cycles"] if self.refit else DEFAULTS["cycles_without_refit"]
+        self._set("cycles", self.cycles or (cycles if camp_hive else 1))
         self._set("curvature", self.curvature or DEFAULTS["curvature"])
         self._set("score", self.score or DEFAULTS["score"])
         self._resolve_unit_selection(camp_hive)
