@@ -69,15 +69,15 @@ def refit_layers(model: nn.Module, reference: nn.Module, batches, alive: dict[st
     ``rows`` (a model whose channels were removed): ``{module name: int64 indices}``, the reference
     layer's output channels that the layer's outputs are, in order (a layer not named: all of them)."""
     started = time.perf_counter()
-    layers = {name: model.get_submodule(name.rpartition(".")[0]) for name in alive}
+    modules = {name: name.rpartition(".")[0] for name in alive}  # "<module>.weight" -> "<module>"
+    layers = {name: model.get_submodule(modules[name]) for name in alive}
     layers = {name: layer for name, layer in layers.items() if isinstance(layer, REFITTED_TYPES)}
-    rows = rows or {}
-    references = {name: _same_layer(reference, name.rpartition(".")[0], layer, rows.get(name.rpartition(".")[0]))
-                  for name, layer in layers.items()}
+    rows = {name: rows[modules[name]] for name in layers if modules[name] in (rows or {})}  # by weight name
+    references = {name: _same_layer(reference, modules[name], layer, rows.get(name)) for name, layer in layers.items()}
 
     def fit(name: str, pairs) -> bool:
         """Refit layer ``name`` from its (pruned inputs, reference outputs) per batch; False if it never ran."""
-        statistics, kept_rows = _LayerStatistics(layers[name]), rows.get(name.rpartition(".")[0])
+        statistics, kept_rows = _LayerStatistics(layers[name]), rows.get(name)
         channel_dim = -1 if isinstance(layers[name], nn.Linear) else 1  # a linear layer's outputs: the last dim
         for seen, target in pairs:
             statistics.add(seen, target if kept_rows is None else
